@@ -1,0 +1,334 @@
+//! Assembles the daemon: binds the proxy listeners, installs (or adopts) the redirect, opens the
+//! session log, and runs one task per accepted connection until shutdown.
+//!
+//! Per connection ([`handle`]): original destination from the redirect maps, agent from its
+//! cgroup, target from the config, verdict from policy, then the protocol carries the bytes and
+//! the recorder writes the session. Deciding is kept apart from copying.
+
+use crate::{
+    config::{Config, ProtocolKind, canonical_ip},
+    identity::{AgentResolver, AgentTree},
+    policy::{self, Action, Policy, Subject, Verdict},
+    protocols,
+    record::{JsonlSink, RecordSink, RecordedVerdict, SessionIds, SessionInfo, SessionRecorder, now_ms},
+    redirect::{ProxyAddrs, Redirect},
+};
+use serde::Serialize;
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument as _, error, info, info_span, warn};
+
+/// How long an upstream may take to accept before the session fails.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long live sessions may run on after a shutdown signal before they are cut.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Accept backlog: bursts of agent connections must not overflow into SYN drops.
+const BACKLOG: u32 = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Redirect(#[from] crate::redirect::RedirectError),
+    #[error(transparent)]
+    Record(#[from] crate::record::RecordError),
+    #[error("binding the proxy listener on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("writing {path}: {source}")]
+    StatusFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Everything a connection task needs, built once.
+pub struct Inputs {
+    pub config: Config,
+    pub policy: Policy,
+    pub redirect: Redirect,
+    pub agents: AgentResolver,
+    pub sink: Arc<dyn RecordSink>,
+    pub ids: SessionIds,
+}
+
+/// What the daemon bound, as written to the status file.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub listen: Vec<SocketAddr>,
+    pub pin_dir: PathBuf,
+    pub agent_cgroup: PathBuf,
+    pub sessions_log: PathBuf,
+    pub started_at_ms: u64,
+}
+
+/// Run the daemon until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), AppError> {
+    raise_fd_limit();
+    let tree = AgentTree::locate(&config.agent_cgroup)?;
+    tree.ensure()?;
+    let (v4, v6) = bind(&config)?;
+    let port = v4.local_addr().map_err(|source| AppError::Bind {
+        addr: SocketAddr::new(config.listen_ipv4.into(), config.listen_port),
+        source,
+    })?;
+    let proxy = ProxyAddrs {
+        ipv4: config.listen_ipv4,
+        ipv6: config.listen_ipv6,
+        port: port.port(),
+    };
+    let redirect = Redirect::install(&config.pin_dir, tree.root(), proxy, &config.dns_resolvers())?;
+    let sink: Arc<dyn RecordSink> = Arc::new(JsonlSink::open(&config.sessions_log())?);
+    let status = DaemonStatus {
+        pid: std::process::id(),
+        listen: [Some(&v4), v6.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.local_addr().ok())
+            .collect(),
+        pin_dir: config.pin_dir.clone(),
+        agent_cgroup: tree.root().to_path_buf(),
+        sessions_log: config.sessions_log(),
+        started_at_ms: now_ms(),
+    };
+    write_status(&config, &status)?;
+    info!(
+        listen = ?status.listen,
+        agent_cgroup = %tree.root().display(),
+        pin_dir = %config.pin_dir.display(),
+        targets = config.targets.len(),
+        unlisted = ?config.unlisted,
+        "chaperone daemon ready"
+    );
+    let inputs = Arc::new(Inputs {
+        policy: Policy {
+            unlisted: config.unlisted,
+        },
+        redirect,
+        agents: AgentResolver::new(tree),
+        sink,
+        ids: SessionIds::default(),
+        config,
+    });
+
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    for listener in [Some(v4), v6].into_iter().flatten() {
+        tracker.spawn(accept_loop(listener, inputs.clone(), stop.clone(), tracker.clone()));
+    }
+    wait_for_shutdown_signal().await;
+    info!("shutting down: no new connections; draining live sessions");
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+        warn!("sessions still open after {DRAIN_TIMEOUT:?}; cutting them");
+    }
+    // The pins stay: with no listener, agents' connections are refused until a daemon returns.
+    let _ = std::fs::remove_file(inputs.config.status_file());
+    Ok(())
+}
+
+fn bind(config: &Config) -> Result<(TcpListener, Option<TcpListener>), AppError> {
+    // Port 0: take the kernel's pick for IPv4 and ask for the same on IPv6; retry if taken.
+    for _ in 0..20 {
+        let v4 = listen(SocketAddr::new(config.listen_ipv4.into(), config.listen_port))?;
+        let port = v4.local_addr().map(|a| a.port()).unwrap_or(config.listen_port);
+        match listen(SocketAddr::new(config.listen_ipv6.into(), port)) {
+            Ok(v6) => return Ok((v4, Some(v6))),
+            Err(AppError::Bind { source, .. })
+                if config.listen_port == 0 && source.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                continue;
+            }
+            Err(AppError::Bind { source, addr })
+                if source.kind() == std::io::ErrorKind::AddrNotAvailable =>
+            {
+                warn!(%addr, "no IPv6 loopback; IPv6 agent connections will be refused");
+                return Ok((v4, None));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(AppError::Bind {
+        addr: SocketAddr::new(config.listen_ipv6.into(), 0),
+        source: std::io::ErrorKind::AddrInUse.into(),
+    })
+}
+
+fn listen(addr: SocketAddr) -> Result<TcpListener, AppError> {
+    let bind_err = |source| AppError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(bind_err)?;
+    socket.set_reuseaddr(true).map_err(bind_err)?;
+    socket.bind(addr).map_err(bind_err)?;
+    socket.listen(BACKLOG).map_err(bind_err)
+}
+
+fn write_status(config: &Config, status: &DaemonStatus) -> Result<(), AppError> {
+    let path = config.status_file();
+    let err = |source| AppError::StatusFile {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(err)?;
+    let json = serde_json::to_vec_pretty(status).expect("status serializes");
+    std::fs::write(&path, json).map_err(err)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    inputs: Arc<Inputs>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let inputs = inputs.clone();
+                let stop = stop.clone();
+                tracker.spawn(async move {
+                    let drain = async {
+                        stop.cancelled().await;
+                        tokio::time::sleep(DRAIN_TIMEOUT).await;
+                    };
+                    tokio::select! {
+                        _ = handle(&inputs, stream, peer) => {}
+                        _ = drain => {}
+                    }
+                });
+            }
+            // Out of fds or memory: back off instead of spinning; the backlog holds the rest.
+            Err(e) => {
+                error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Refuse a connection the agent already sees as established: a reset, so its next read or
+/// write fails at once instead of hanging.
+fn refuse(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
+    let _ = client.set_nodelay(true);
+    let original = match inputs.redirect.take_original(peer) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            // Not from an agent (or already taken): there is nowhere legitimate to relay it.
+            warn!(%peer, "connection has no original destination; refusing");
+            return refuse(client);
+        }
+        Err(e) => {
+            error!(%peer, error = %e, "original destination lookup failed; refusing");
+            return refuse(client);
+        }
+    };
+    let agent = inputs.agents.resolve(original.cgroup_id);
+    let target = inputs.config.target_for(original.addr).cloned();
+    let decision = policy::evaluate(
+        &inputs.policy,
+        &Subject {
+            agent: agent.as_ref(),
+        },
+        &Action::Connect {
+            dst: original.addr,
+            target: target.as_deref(),
+        },
+    );
+    let kind = target.as_ref().map_or(ProtocolKind::Tcp, |t| t.protocol);
+    let id = inputs.ids.next();
+    let span = info_span!(
+        "session",
+        id = %id,
+        agent = agent.as_ref().and_then(|a| a.name.as_deref()).unwrap_or("-"),
+    );
+    let upstream_addr = SocketAddr::new(canonical_ip(original.addr.ip()), original.addr.port());
+    let info = SessionInfo {
+        id,
+        agent,
+        client: peer,
+        original_dst: original,
+        target: target.as_ref().map(|t| t.name.clone()),
+        protocol: protocols::name(kind).to_string(),
+        verdict: match decision.verdict {
+            Verdict::Allow => RecordedVerdict::Allow,
+            Verdict::Deny(_) | Verdict::Hold(_) => RecordedVerdict::Deny,
+        },
+        reason: decision.rule,
+        started_at_ms: now_ms(),
+    };
+    async move {
+        let mut rec = SessionRecorder::start(inputs.sink.clone(), info);
+        if decision.verdict != Verdict::Allow {
+            return refuse(client);
+        }
+        let upstream =
+            match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(upstream_addr)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    rec.error = Some(format!("upstream {upstream_addr}: {e}"));
+                    return refuse(client);
+                }
+                Err(_) => {
+                    rec.error = Some(format!("upstream {upstream_addr}: no answer in {UPSTREAM_CONNECT_TIMEOUT:?}"));
+                    return refuse(client);
+                }
+            };
+        let _ = upstream.set_nodelay(true);
+        if let Err(e) = protocols::serve(kind, client, upstream, &mut rec).await {
+            rec.error = Some(e.to_string());
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Each redirected connection holds two fds; the default soft limit (1024) would cap the daemon
+/// near 500 concurrent sessions.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        error!("cannot install signal handlers; stopping");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,223 @@
+//! The command line, defined once: clap derive types whose doc comments are the help text, and
+//! one function per subcommand. `main` turns the returned error into one `chaperone: …` line
+//! (or a JSON object with `--json`) and an exit code.
+
+mod run;
+
+use crate::{
+    app::DaemonStatus,
+    config::Config,
+    identity::AgentTree,
+    record::{SessionEvent, read_log},
+    redirect,
+};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::path::PathBuf;
+
+/// Chaperone: puts every network connection of an AI coding agent under review.
+#[derive(Debug, Parser)]
+#[command(name = "chaperone", version)]
+pub struct Cli {
+    /// Configuration file (default: /etc/chaperone/chaperone.yaml, else the embedded default).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Machine-readable output: JSON objects on stdout, JSON log lines from the daemon, and
+    /// errors as `{"error": …}` on stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon (root): load and attach the eBPF programs to the agent cgroup tree, listen
+    /// for redirected connections and relay them. Stopping it leaves agents refused, not free.
+    Daemon(DaemonArgs),
+    /// Start CMD, unmodified, as an agent: in a fresh cgroup of the agent tree, so every TCP
+    /// connection it or its children make is intercepted. Exit code and stdio pass through.
+    Run(RunArgs),
+    /// Show whether interception is installed, whether a daemon serves it, and map usage.
+    Status,
+    /// List recorded sessions.
+    Sessions(SessionsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// Remove the pinned programs and maps and the empty agent cgroups, then exit. Agents in
+    /// the tree are no longer intercepted afterwards.
+    #[arg(long)]
+    pub uninstall: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The identity the agent runs as.
+    #[arg(long = "as", value_name = "NAME", default_value = "agent")]
+    pub as_name: String,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SessionsArgs {
+    /// Include `start` events, not only ended sessions.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Run the parsed command; returns the process exit code.
+pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Daemon(args) if args.uninstall => uninstall(&config, cli.json),
+        Command::Daemon(_) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(crate::app::run(config))?;
+            Ok(0)
+        }
+        Command::Run(args) => run::run(&config, &args),
+        Command::Status => status(&config, cli.json),
+        Command::Sessions(args) => sessions(&config, &args, cli.json),
+    }
+}
+
+fn print_json(value: &impl Serialize) {
+    println!("{}", serde_json::to_string(value).expect("serializable"));
+}
+
+fn uninstall(config: &Config, json: bool) -> anyhow::Result<i32> {
+    let removed = redirect::uninstall(&config.pin_dir)?;
+    let busy = AgentTree::locate(&config.agent_cgroup)?.remove_empty();
+    if json {
+        print_json(&serde_json::json!({ "removed": removed, "busy_cgroups": busy }));
+    } else {
+        println!("removed {} pins from {}", removed.len(), config.pin_dir.display());
+        for b in &busy {
+            println!("cgroup still has processes, left in place: {}", b.display());
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Serialize)]
+struct StatusReport {
+    redirect: redirect::RedirectStatus,
+    /// The running daemon, if its status file names a live process.
+    daemon: Option<DaemonStatus>,
+    agent_cgroup: Option<PathBuf>,
+}
+
+fn status(config: &Config, json: bool) -> anyhow::Result<i32> {
+    let daemon = std::fs::read(config.status_file())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<DaemonStatus>(&b).ok())
+        .filter(|d| PathBuf::from(format!("/proc/{}", d.pid)).exists());
+    let report = StatusReport {
+        redirect: redirect::status(&config.pin_dir),
+        daemon,
+        agent_cgroup: AgentTree::locate(&config.agent_cgroup).ok().map(|t| t.root().to_path_buf()),
+    };
+    if json {
+        print_json(&report);
+        return Ok(0);
+    }
+    let r = &report.redirect;
+    println!(
+        "interception: {}",
+        if r.installed { "installed (pinned)" } else { "NOT installed" }
+    );
+    match &report.daemon {
+        Some(d) => println!("daemon:       running, pid {}, listening on {:?}", d.pid, d.listen),
+        None if r.installed => println!("daemon:       not running: agents' connections are refused"),
+        None => println!("daemon:       not running"),
+    }
+    if let Some(cg) = &report.agent_cgroup {
+        println!("agent tree:   {}", cg.display());
+    }
+    let n = |v: Option<usize>| v.map_or("-".to_string(), |v| v.to_string());
+    println!(
+        "tracked:      {} by cookie, {} awaiting accept",
+        n(r.orig_by_cookie_entries),
+        n(r.orig_by_addr_entries)
+    );
+    Ok(0)
+}
+
+fn sessions(config: &Config, args: &SessionsArgs, json: bool) -> anyhow::Result<i32> {
+    let path = config.sessions_log();
+    let (events, bad) = match read_log(&path) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), 0),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let shown = events
+        .iter()
+        .filter(|e| args.all || matches!(e, SessionEvent::End { .. }));
+    if json {
+        for e in shown {
+            print_json(e);
+        }
+    } else {
+        println!("{:<16}  {:<6}  {:<12}  {:<24}  {:<10}  {:>8}  {:>10}  {:>10}", "SESSION", "EVENT", "AGENT", "DESTINATION", "TARGET", "PID", "UP", "DOWN");
+        for e in shown {
+            let (s, kind, up, down) = match e {
+                SessionEvent::Start { session } => (session, "start", String::new(), String::new()),
+                SessionEvent::End { session, bytes_up, bytes_down, .. } => (session, "end", bytes_up.to_string(), bytes_down.to_string()),
+            };
+            let verdict = match s.verdict {
+                crate::record::RecordedVerdict::Allow => "",
+                crate::record::RecordedVerdict::Deny => " DENIED",
+            };
+            println!(
+                "{:<16}  {:<6}  {:<12}  {:<24}  {:<10}  {:>8}  {:>10}  {:>10}{verdict}",
+                s.id.to_string(),
+                kind,
+                s.agent.as_ref().and_then(|a| a.name.as_deref()).unwrap_or("-"),
+                s.original_dst.addr.to_string(),
+                s.target.as_deref().unwrap_or("-"),
+                s.original_dst.pid,
+                up,
+                down,
+            );
+        }
+    }
+    if bad > 0 {
+        eprintln!("chaperone: {bad} unreadable lines in {}", path.display());
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_takes_the_command_verbatim_after_double_dash() {
+        let cli = Cli::try_parse_from(["chaperone", "run", "--as", "bob", "--", "curl", "-s", "--json", "x"]).unwrap();
+        match cli.command {
+            Command::Run(a) => {
+                assert_eq!(a.as_name, "bob");
+                assert_eq!(a.command, ["curl", "-s", "--json", "x"]);
+            }
+            c => panic!("{c:?}"),
+        }
+        assert!(!cli.json, "--json after -- belongs to the agent's command");
+    }
+
+    #[test]
+    fn run_needs_a_command() {
+        assert!(Cli::try_parse_from(["chaperone", "run"]).is_err());
+    }
+
+    #[test]
+    fn global_flags_anywhere() {
+        let cli = Cli::try_parse_from(["chaperone", "status", "--json", "--config", "x.yaml"]).unwrap();
+        assert!(cli.json);
+        assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("x.yaml")));
+    }
+}

@@ -1,0 +1,335 @@
+//! The daemon's configuration file: where the proxy listens, which cgroup tree holds agents,
+//! where pins and state live, which destinations are targets and what happens to the rest.
+//!
+//! Owns parsing and validation only; it does no I/O beyond reading the file it is given (and
+//! `/etc/resolv.conf` when no resolvers are configured). Errors name the file, line and column.
+//!
+//! ```yaml
+//! listen_port: 15001
+//! unlisted: deny            # or allow: relay as raw TCP, recorded
+//! targets:
+//!   - name: app
+//!     protocol: tcp
+//!     address: 127.0.0.1    # an address or a CIDR
+//!     port: 5432
+//! ```
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+/// The configuration `chaperone daemon` uses when given no `--config` and none is installed.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../examples/default.yaml");
+/// Where an installed configuration lives.
+pub const SYSTEM_PATH: &str = "/etc/chaperone/chaperone.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// What to do with an agent connection to a destination no target names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unlisted {
+    /// Relay as raw TCP and record the session's metadata.
+    Allow,
+    /// Refuse the connection and record the denial.
+    Deny,
+}
+
+/// How the proxy understands a target's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolKind {
+    /// Opaque bytes; the verdict is taken once, at connect time.
+    Tcp,
+}
+
+/// A destination the daemon knows by name.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub name: String,
+    pub protocol: ProtocolKind,
+    #[serde(deserialize_with = "addr_or_net")]
+    pub address: IpNet,
+    pub port: u16,
+}
+
+impl Target {
+    /// Whether a connection to `dst` is for this target. IPv4-mapped IPv6 destinations match
+    /// IPv4 targets: they reach the same server.
+    pub fn matches(&self, dst: SocketAddr) -> bool {
+        dst.port() == self.port && self.address.contains(&canonical_ip(dst.ip()))
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it reaches; anything else unchanged.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// Resolvers agents may send DNS to (UDP). Absent: the nameservers of /etc/resolv.conf.
+    pub resolvers: Option<Vec<SocketAddr>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Port of the proxy listener, the same on IPv4 and IPv6. 0 picks a free one.
+    #[serde(default = "default_listen_port")]
+    pub listen_port: u16,
+    #[serde(default = "default_listen_ipv4")]
+    pub listen_ipv4: Ipv4Addr,
+    #[serde(default = "default_listen_ipv6")]
+    pub listen_ipv6: Ipv6Addr,
+    /// The agent cgroup tree, relative to the cgroup2 mount. Every process below it is an agent.
+    #[serde(default = "default_agent_cgroup")]
+    pub agent_cgroup: PathBuf,
+    /// bpffs directory holding the pinned programs' links and maps.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Session records and the daemon's status file.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_unlisted")]
+    pub unlisted: Unlisted,
+    #[serde(default)]
+    pub dns: Dns,
+    #[serde(default)]
+    pub targets: Vec<Arc<Target>>,
+    /// Where this configuration came from, for messages.
+    #[serde(skip)]
+    pub source: String,
+}
+
+fn default_listen_port() -> u16 {
+    15001
+}
+fn default_listen_ipv4() -> Ipv4Addr {
+    Ipv4Addr::LOCALHOST
+}
+fn default_listen_ipv6() -> Ipv6Addr {
+    Ipv6Addr::LOCALHOST
+}
+fn default_agent_cgroup() -> PathBuf {
+    "chaperone.agents".into()
+}
+fn default_pin_dir() -> PathBuf {
+    "/sys/fs/bpf/chaperone".into()
+}
+fn default_state_dir() -> PathBuf {
+    "/var/lib/chaperone".into()
+}
+fn default_unlisted() -> Unlisted {
+    // Deny what policy does not name.
+    Unlisted::Deny
+}
+
+fn addr_or_net<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
+    let s = String::deserialize(d)?;
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net);
+    }
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| serde::de::Error::custom(format!("`{s}` is neither an IP address nor a CIDR")))
+}
+
+impl Config {
+    /// Parse a configuration from text; `source` names it in errors.
+    pub fn parse(text: &str, source: &str) -> Result<Self, ConfigError> {
+        let mut cfg: Config = serde_yaml::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+            ConfigError::Parse {
+                path: source.to_string(),
+                line,
+                column,
+                message: e.to_string(),
+            }
+        })?;
+        cfg.source = source.to_string();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Read `path`, or the installed configuration, or the embedded default, in that order.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(SYSTEM_PATH).exists() => SYSTEM_PATH.into(),
+            None => return Self::parse(EMBEDDED_DEFAULT, "<embedded default>"),
+        };
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        Self::parse(&text, &display)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: self.source.clone(),
+            message,
+        };
+        let mut names = std::collections::HashSet::new();
+        for t in &self.targets {
+            if t.name.is_empty() {
+                return Err(invalid("a target has an empty name".into()));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(invalid(format!("target `{}` is defined twice", t.name)));
+            }
+            if t.port == 0 {
+                return Err(invalid(format!("target `{}`: port 0 is not a port", t.name)));
+            }
+        }
+        if self.agent_cgroup.is_absolute()
+            || self.agent_cgroup.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(invalid(format!(
+                "agent_cgroup `{}` must be a relative path below the cgroup2 mount, without `..`",
+                self.agent_cgroup.display()
+            )));
+        }
+        if !self.pin_dir.is_absolute() {
+            return Err(invalid(format!(
+                "pin_dir `{}` must be an absolute path on bpffs",
+                self.pin_dir.display()
+            )));
+        }
+        if let Some(r) = &self.dns.resolvers {
+            if r.len() > gateway_common::MAX_DNS_RESOLVERS as usize {
+                return Err(invalid(format!(
+                    "dns.resolvers: at most {} resolvers",
+                    gateway_common::MAX_DNS_RESOLVERS
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first target a connection to `dst` is for.
+    pub fn target_for(&self, dst: SocketAddr) -> Option<&Arc<Target>> {
+        self.targets.iter().find(|t| t.matches(dst))
+    }
+
+    /// The DNS resolvers agents may use: configured, or read from /etc/resolv.conf.
+    pub fn dns_resolvers(&self) -> Vec<SocketAddr> {
+        if let Some(r) = &self.dns.resolvers {
+            return r.clone();
+        }
+        let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        resolv_conf_nameservers(&text)
+            .into_iter()
+            .take(gateway_common::MAX_DNS_RESOLVERS as usize)
+            .collect()
+    }
+
+    pub fn sessions_log(&self) -> PathBuf {
+        self.state_dir.join("sessions.jsonl")
+    }
+
+    pub fn status_file(&self) -> PathBuf {
+        self.state_dir.join("daemon.json")
+    }
+}
+
+/// The `nameserver` lines of a resolv.conf, on port 53.
+fn resolv_conf_nameservers(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let cfg = Config::parse(EMBEDDED_DEFAULT, "default").unwrap();
+        assert_eq!(cfg.unlisted, Unlisted::Deny);
+        assert!(!cfg.targets.is_empty());
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_file() {
+        let cfg = Config::parse("{}", "x").unwrap();
+        assert_eq!(cfg.listen_port, 15001);
+        assert_eq!(cfg.unlisted, Unlisted::Deny);
+        assert_eq!(cfg.agent_cgroup, Path::new("chaperone.agents"));
+    }
+
+    #[test]
+    fn target_matches_address_cidr_and_v4_mapped() {
+        let cfg = Config::parse(
+            "targets:\n  - {name: a, protocol: tcp, address: 127.0.0.1, port: 80}\n  - {name: b, protocol: tcp, address: 10.0.0.0/8, port: 443}\n  - {name: c, protocol: tcp, address: '::1', port: 80}\n",
+            "x",
+        )
+        .unwrap();
+        let name = |s: &str| cfg.target_for(s.parse().unwrap()).map(|t| t.name.clone());
+        assert_eq!(name("127.0.0.1:80").as_deref(), Some("a"));
+        assert_eq!(name("[::ffff:127.0.0.1]:80").as_deref(), Some("a"));
+        assert_eq!(name("127.0.0.1:81"), None);
+        assert_eq!(name("10.2.3.4:443").as_deref(), Some("b"));
+        assert_eq!(name("11.2.3.4:443"), None);
+        assert_eq!(name("[::1]:80").as_deref(), Some("c"));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_column() {
+        let err = Config::parse("unlisted: maybe\n", "cfg.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("cfg.yaml:1:"), "{err}");
+        assert!(err.contains("unknown variant"), "{err}");
+        let err = Config::parse("targets:\n  - {name: a, protocol: tcp, address: nope, port: 1}\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("c.yaml:2:"), "{err}");
+        assert!(err.contains("neither an IP address nor a CIDR"), "{err}");
+        let err = Config::parse("listen_prot: 1\n", "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("unknown field `listen_prot`"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let dup = "targets:\n  - {name: a, protocol: tcp, address: 127.0.0.1, port: 1}\n  - {name: a, protocol: tcp, address: 127.0.0.2, port: 1}\n";
+        assert!(Config::parse(dup, "x").unwrap_err().to_string().contains("defined twice"));
+        assert!(Config::parse("agent_cgroup: ../escape\n", "x").is_err());
+        assert!(Config::parse("agent_cgroup: /abs\n", "x").is_err());
+        assert!(Config::parse("pin_dir: relative\n", "x").is_err());
+    }
+
+    #[test]
+    fn resolv_conf() {
+        let got = resolv_conf_nameservers("# c\nnameserver 10.0.0.53\nnameserver ::1\nsearch x\n");
+        assert_eq!(got, vec!["10.0.0.53:53".parse().unwrap(), "[::1]:53".parse().unwrap()]);
+    }
+}

@@ -1,0 +1,238 @@
+//! Who is on the other end of a redirected socket.
+//!
+//! Owns the agent cgroup tree (found below the cgroup2 mount, never at an assumed path), the
+//! per-run agent cgroups `chaperone run` creates, and the mapping from the cgroup id the kernel
+//! recorded at connect time to an [`AgentId`]. The identity name is bound to the cgroup as the
+//! `trusted.chaperone.agent` extended attribute: only a process with CAP_SYS_ADMIN can set a
+//! `trusted.*` attribute, so an unprivileged agent cannot relabel itself.
+//!
+//! It must not decide anything: policy gets the [`AgentId`] as plain data.
+
+use serde::Serialize;
+use std::{
+    collections::HashMap,
+    ffi::CString,
+    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+/// Extended attribute on an agent cgroup naming the identity it runs as.
+pub const IDENTITY_XATTR: &str = "trusted.chaperone.agent";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("no cgroup2 filesystem is mounted (checked /proc/mounts); Chaperone needs cgroup v2")]
+    NoCgroup2,
+    #[error("reading /proc/mounts: {0}")]
+    Mounts(std::io::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agent name `{0}` is not valid: use 1 to 64 of A-Z a-z 0-9 . _ @ -")]
+    BadName(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
+    move |source| IdentityError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// An agent as the session record and policy see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct AgentId {
+    /// The identity the agent runs as (`chaperone run --as`); absent when its cgroup carries
+    /// none (a process put into the tree by other means).
+    pub name: Option<String>,
+    /// The agent's cgroup, relative to the agent tree root.
+    pub cgroup: String,
+}
+
+/// The cgroup tree whose processes are agents.
+#[derive(Debug, Clone)]
+pub struct AgentTree {
+    root: PathBuf,
+}
+
+impl AgentTree {
+    /// The tree at `relative` below the cgroup2 mount (which is looked up, not assumed).
+    pub fn locate(relative: &Path) -> Result<Self, IdentityError> {
+        let mounts = crate::mounts::mount_points("cgroup2").map_err(IdentityError::Mounts)?;
+        let mount = mounts.first().ok_or(IdentityError::NoCgroup2)?;
+        Ok(Self {
+            root: mount.join(relative),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Create the tree's root cgroup if it does not exist.
+    pub fn ensure(&self) -> Result<(), IdentityError> {
+        std::fs::create_dir_all(&self.root).map_err(io_err(&self.root))
+    }
+
+    /// A fresh cgroup for one `chaperone run`, labelled with the identity `name`.
+    pub fn new_agent_cgroup(&self, name: &str) -> Result<AgentCgroup, IdentityError> {
+        validate_name(name)?;
+        self.ensure()?;
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = self.root.join(format!("run-{}-{nonce:08x}", std::process::id()));
+        std::fs::create_dir(&path).map_err(io_err(&path))?;
+        set_xattr(&path, IDENTITY_XATTR, name.as_bytes()).map_err(io_err(&path))?;
+        Ok(AgentCgroup { path })
+    }
+
+    /// Find the agent whose cgroup has id `cgroup_id` (the cgroup directory's inode number).
+    pub fn find(&self, cgroup_id: u64) -> Option<AgentId> {
+        let dir = find_by_inode(&self.root, cgroup_id)?;
+        let name = dir
+            .ancestors()
+            .take_while(|p| p.starts_with(&self.root))
+            .find_map(|p| get_xattr(p, IDENTITY_XATTR))
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        let cgroup = dir.strip_prefix(&self.root).unwrap_or(&dir).display().to_string();
+        Some(AgentId { name, cgroup })
+    }
+
+    /// Remove every cgroup of the tree that has no processes left, leaves first. Returns the
+    /// cgroups that could not be removed (still populated).
+    pub fn remove_empty(&self) -> Vec<PathBuf> {
+        let mut busy = Vec::new();
+        remove_tree(&self.root, &mut busy);
+        busy
+    }
+}
+
+fn remove_tree(dir: &Path, busy: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&e.path(), busy);
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            busy.push(dir.to_path_buf());
+        }
+    }
+}
+
+fn find_by_inode(dir: &Path, ino: u64) -> Option<PathBuf> {
+    if std::fs::metadata(dir).ok()?.ino() == ino {
+        return Some(dir.to_path_buf());
+    }
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_by_inode(&e.path(), ino))
+}
+
+/// Resolves cgroup ids to agents, remembering answers: cgroup ids are not reused, and walking
+/// the tree on every connection would put directory reads on the accept path.
+#[derive(Debug)]
+pub struct AgentResolver {
+    tree: AgentTree,
+    cache: Mutex<HashMap<u64, AgentId>>,
+}
+
+impl AgentResolver {
+    pub fn new(tree: AgentTree) -> Self {
+        Self {
+            tree,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn resolve(&self, cgroup_id: u64) -> Option<AgentId> {
+        if let Some(hit) = self.cache.lock().unwrap().get(&cgroup_id) {
+            return Some(hit.clone());
+        }
+        let found = self.tree.find(cgroup_id)?;
+        self.cache.lock().unwrap().insert(cgroup_id, found.clone());
+        Some(found)
+    }
+}
+
+/// One `chaperone run`'s cgroup.
+#[derive(Debug)]
+pub struct AgentCgroup {
+    path: PathBuf,
+}
+
+impl AgentCgroup {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `cgroup.procs` of this cgroup: writing "0" to it moves the writing process in.
+    pub fn procs_file(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+
+    /// Remove the cgroup if nothing runs in it any more; a daemonized child keeps it (and its
+    /// interception) alive, and `daemon --uninstall` cleans it up later.
+    pub fn remove_if_empty(&self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+fn validate_name(name: &str) -> Result<(), IdentityError> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::BadName(name.to_string()))
+    }
+}
+
+fn cstr(p: &Path) -> std::io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let (p, n) = (cstr(path)?, CString::new(name).expect("static name"));
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let rc = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let (p, n) = (cstr(path).ok()?, CString::new(name).ok()?);
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (len >= 0).then(|| {
+        buf.truncate(len as usize);
+        buf
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["agent", "a.b_c-d@e", "x"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "a b", "a/b", "..\u{0}", &"x".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! `chaperone`: CLI entry. Parses flags, sets up logging, runs the command, and turns an error
+//! into one `chaperone: …` line (or `{"error": …}` with `--json`) and exit code 2.
+
+use clap::Parser;
+use chaperone::cli::{Cli, dispatch};
+
+fn main() {
+    let cli = Cli::parse();
+    let json = cli.json;
+    init_tracing(json);
+    let code = match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            if json {
+                eprintln!("{}", serde_json::json!({ "error": msg }));
+            } else {
+                eprintln!("chaperone: {msg}");
+            }
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::{EnvFilter, fmt};
+    let filter = EnvFilter::try_from_env("CHAPERONE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
