@@ -1,1 +1,328 @@
-//! Test harness.
+//! End-to-end test harness: the real `chaperone` binary as daemon, real servers on loopback,
+//! unmodified clients (`python3`, `curl`, `sh`) started with `chaperone run`.
+//!
+//! Every [`TestDaemon`] gets its own agent cgroup, bpffs pin directory, state directory and proxy
+//! port, so tests run in parallel without seeing each other's agents. Dropping it stops the
+//! daemon and uninstalls its pins and cgroups.
+//!
+//! Privileged: eBPF and cgroups need root. Without it each test prints `skipping: …` and passes;
+//! CI runs as root, so there they always run.
+
+use serde_json::Value;
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+/// The daemon binary: `$CHAPERONE_BIN`, else the workspace's debug build (`cargo xtask test`
+/// builds it first).
+pub fn chaperone_bin() -> PathBuf {
+    let bin = std::env::var_os("CHAPERONE_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/chaperone")
+    });
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p gateway-user`, or run `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+/// True (and a `skipping:` line printed) when the test cannot run here.
+pub fn skip_unless_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping {test}: needs root (loads eBPF programs, creates cgroups)");
+        return true;
+    }
+    false
+}
+
+fn unique() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A free TCP port on 127.0.0.1 and ::1 (probed, then released).
+pub fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if TcpListener::bind(("::1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// What a test daemon is configured with, beyond the per-test paths.
+pub struct DaemonOptions {
+    pub unlisted: &'static str,
+    /// `(name, address, port)` tcp targets.
+    pub targets: Vec<(String, String, u16)>,
+    pub dns_resolvers: Vec<SocketAddr>,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        Self {
+            unlisted: "deny",
+            targets: Vec::new(),
+            dns_resolvers: Vec::new(),
+        }
+    }
+}
+
+/// A `chaperone daemon` with its own cgroup tree, pins, state and port.
+pub struct TestDaemon {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    pub pin_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    pub fn start(opts: DaemonOptions) -> Self {
+        let id = unique();
+        let dir = std::env::temp_dir().join(format!("chaperone-e2e-{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/chaperone-e2e-{id}"));
+        let mut yaml = format!(
+            "listen_port: {port}\nagent_cgroup: chaperone-e2e-{id}\npin_dir: {}\nstate_dir: {}\nunlisted: {}\ndns:\n  resolvers: [{}]\ntargets:\n",
+            pin_dir.display(),
+            dir.join("state").display(),
+            opts.unlisted,
+            opts.dns_resolvers.iter().map(|r| format!("\"{r}\"")).collect::<Vec<_>>().join(", "),
+        );
+        for (name, addr, port) in &opts.targets {
+            yaml.push_str(&format!("  - {{name: {name}, protocol: tcp, address: \"{addr}\", port: {port}}}\n"));
+        }
+        if opts.targets.is_empty() {
+            yaml.push_str("  []\n");
+        }
+        let config = dir.join("chaperone.yaml");
+        std::fs::write(&config, yaml).unwrap();
+        let mut d = Self {
+            dir,
+            config,
+            port,
+            pin_dir,
+            child: None,
+        };
+        d.spawn();
+        d
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(chaperone_bin());
+        c.arg("--config").arg(&self.config);
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Start the daemon and wait until its status file names it.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        let child = self
+            .cmd()
+            .arg("daemon")
+            .env("CHAPERONE_LOG", "info,chaperone=debug")
+            .env("NO_COLOR", "1")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning chaperone daemon");
+        let pid = child.id();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(Value::Number(p)) = self.status().get("daemon").and_then(|d| d.get("pid")).cloned() {
+                if p.as_u64() == Some(u64::from(pid)) {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {status} during start-up; log:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("daemon not ready after 30 s; log:\n{}", self.log());
+    }
+
+    /// SIGKILL: what a crash looks like. The pins stay.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let status = c.wait().unwrap();
+            assert!(status.success(), "daemon exited with {status} on SIGTERM; log:\n{}", self.log());
+        }
+    }
+
+    /// `chaperone run --as NAME -- ARGS…`, capturing output.
+    pub fn run_agent(&self, name: &str, args: &[&str]) -> Output {
+        self.cmd()
+            .args(["run", "--as", name, "--"])
+            .args(args)
+            .output()
+            .expect("spawning chaperone run")
+    }
+
+    /// `chaperone status --json`.
+    pub fn status(&self) -> Value {
+        let out = self.cmd().args(["status", "--json"]).output().unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// Every `end` event in the session log.
+    pub fn sessions(&self) -> Vec<Value> {
+        let out = self.cmd().args(["sessions", "--json"]).output().unwrap();
+        assert!(out.status.success(), "chaperone sessions: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("sessions --json prints JSON lines"))
+            .collect()
+    }
+
+    /// Wait until at least `n` sessions have ended (the proxy records after the agent sees EOF).
+    pub fn wait_for_sessions(&self, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.sessions();
+            if s.len() >= n || Instant::now() > deadline {
+                return s;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = self.cmd().args(["daemon", "--uninstall"]).output();
+        if !thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("daemon log ({}):\n{}", self.dir.display(), self.log());
+        }
+    }
+}
+
+/// Run a program that must succeed; panic with its output otherwise.
+pub fn assert_ok(out: &Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed with {}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A TCP echo server on `bind` (port 0 for any), one thread per connection, counting accepts.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl EchoServer {
+    pub fn start(bind: &str) -> Self {
+        let listener = TcpListener::bind(bind).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (accepted.clone(), stop.clone());
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    return;
+                }
+                let Ok(mut conn) = conn else { continue };
+                a.fetch_add(1, Ordering::Relaxed);
+                thread::Builder::new()
+                    .stack_size(64 * 1024)
+                    .spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n) = conn.read(&mut buf) {
+                            if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    })
+                    .unwrap();
+            }
+        });
+        Self { addr, accepted, stop }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(self.addr); // wake the accept loop
+    }
+}
+
+/// A UDP socket counting datagrams it receives.
+pub struct UdpSink {
+    pub addr: SocketAddr,
+    received: Arc<AtomicUsize>,
+}
+
+impl UdpSink {
+    pub fn start(bind: &str) -> Self {
+        let sock = UdpSocket::bind(bind).unwrap();
+        let addr = sock.local_addr().unwrap();
+        let received = Arc::new(AtomicUsize::new(0));
+        let r = received.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while sock.recv_from(&mut buf).is_ok() {
+                r.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        Self { addr, received }
+    }
+
+    pub fn received(&self) -> usize {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+/// Parse the last line of an agent's stdout as JSON (agent scripts report there).
+pub fn last_json(stdout: &str) -> Value {
+    let line = stdout.lines().last().unwrap_or_else(|| panic!("agent printed nothing"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("agent output `{line}` is not JSON: {e}"))
+}

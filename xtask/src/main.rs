@@ -1,1 +1,192 @@
-fn main(){}
+//! `cargo xtask`: set-up, demo and test orchestration. The README's two commands live here.
+//!
+//! - `cargo xtask demo`: set up, build, and show the main job on the embedded default config: the
+//!   daemon, a local web service as its target, an unmodified `curl` run as an agent (allowed),
+//!   one to an unlisted destination (refused), the recorded sessions, and fail-closed.
+//! - `cargo xtask test`: set up, build, and run every test (unit and end-to-end).
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain pieces and test clients (scripts/setup.sh; idempotent).
+    Setup,
+    /// Set up, build, and run the daemon on the embedded default with a demo agent.
+    Demo {
+        /// Keep the daemon running (Ctrl-C to stop) instead of uninstalling at the end.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Set up, build, and run every test.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        Task::Demo { keep } => demo(keep),
+        Task::Test { args } => test(&args),
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn setup() -> Result<()> {
+    run(Command::new("bash").arg(root().join("scripts/setup.sh")))
+}
+
+fn build() -> Result<PathBuf> {
+    run(cargo().args(["build", "-p", "gateway-user"]))?;
+    Ok(root().join("target/debug/chaperone"))
+}
+
+fn require_root() -> Result<()> {
+    if !is_root() {
+        bail!("this needs root: it loads eBPF programs and creates cgroups");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup()?;
+    let bin = build()?;
+    run(cargo()
+        .args(["test", "--workspace"])
+        .args(args)
+        .env("CHAPERONE_BIN", &bin))
+}
+
+fn step(title: &str) {
+    println!("\n\x1b[1m== {title}\x1b[0m");
+}
+
+/// Kills a child on drop, so an early error leaves nothing running.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn demo(keep: bool) -> Result<()> {
+    require_root()?;
+    step("set-up (scripts/setup.sh)");
+    setup()?;
+    step("build");
+    let bin = build()?;
+    let chaperone = || Command::new(&bin);
+
+    step("a local web service on 127.0.0.1:18080 (the embedded default's target `demo-web`)");
+    let site = std::env::temp_dir().join("chaperone-demo-site");
+    std::fs::create_dir_all(&site)?;
+    std::fs::write(site.join("index.html"), "hello from the demo service\n")?;
+    let _web = Guard(
+        Command::new("python3")
+            .args(["-m", "http.server", "18080", "--bind", "127.0.0.1"])
+            .current_dir(&site)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting python3 -m http.server")?,
+    );
+
+    step("chaperone daemon (embedded default config; its log follows)");
+    let mut daemon = Guard(chaperone().arg("daemon").spawn()?);
+    wait_ready(&bin, &mut daemon)?;
+
+    step("agent: chaperone run --as demo-agent -- curl http://127.0.0.1:18080/  (target: allowed)");
+    let _ = chaperone()
+        .args(["run", "--as", "demo-agent", "--", "curl", "-sS", "-w", "curl saw peer %{remote_ip}:%{remote_port}\n", "http://127.0.0.1:18080/"])
+        .status()?;
+    thread::sleep(Duration::from_millis(200));
+
+    step("agent: curl http://127.0.0.1:18081/  (no target names it; unlisted: deny)");
+    let _ = chaperone()
+        .args(["run", "--as", "demo-agent", "--", "curl", "-sS", "http://127.0.0.1:18081/"])
+        .status()?;
+    thread::sleep(Duration::from_millis(200));
+
+    step("chaperone sessions");
+    run(chaperone().arg("sessions"))?;
+
+    if keep {
+        step("daemon keeps running: try `chaperone run -- curl http://127.0.0.1:18080/`; Ctrl-C stops");
+        daemon.0.wait()?;
+        return Ok(());
+    }
+
+    step("fail closed: daemon stopped, the agent's connection is refused");
+    sigterm(daemon.0.id());
+    daemon.0.wait()?;
+    let _ = chaperone()
+        .args(["run", "--as", "demo-agent", "--", "curl", "-sS", "http://127.0.0.1:18080/"])
+        .status()?;
+    run(chaperone().arg("status"))?;
+
+    step("chaperone daemon --uninstall");
+    run(chaperone().args(["daemon", "--uninstall"]))?;
+    Ok(())
+}
+
+/// A clean stop (SIGTERM), as an init system would send it.
+fn sigterm(pid: u32) {
+    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+fn wait_ready(bin: &Path, daemon: &mut Guard) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let out = Command::new(bin).args(["status", "--json"]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.contains(&format!("\"pid\":{}", daemon.0.id())) {
+            return Ok(());
+        }
+        if let Some(status) = daemon.0.try_wait()? {
+            bail!("the daemon exited with {status}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    bail!("the daemon did not become ready in 30 s")
+}

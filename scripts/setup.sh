@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what building and testing Chaperone need, idempotently: each step is skipped when
+# already done, so a second run takes about a second. Needs root (apt) on a fresh machine.
+#
+#   - LLVM 22 (matches nightly rustc's LLVM) for bpf-linker
+#   - nightly rust-src (the eBPF crate is built with -Z build-std=core)
+#   - bpf-linker built against LLVM 22 (without LLVM_PREFIX it picks LLVM 14 and fails)
+#   - the clients the end-to-end tests run as agents: curl, python3
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+BPF_LINKER_VERSION=0.13.0
+APT_PACKAGES=(llvm-22-dev curl python3 iproute2)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! rustup toolchain list | grep -q '^nightly'; then
+    log "rustup toolchain install nightly"
+    rustup toolchain install nightly --profile minimal
+fi
+if ! rustup component list --toolchain nightly --installed | grep -q '^rust-src'; then
+    log "rustup component add rust-src --toolchain nightly"
+    rustup component add rust-src --toolchain nightly
+fi
+
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+    log "cargo install bpf-linker $BPF_LINKER_VERSION (LLVM 22), about 70 s"
+    LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --locked --version "$BPF_LINKER_VERSION" \
+        --no-default-features --features llvm-22
+fi
+log "ready"
