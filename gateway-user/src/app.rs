@@ -44,6 +44,13 @@ pub enum AppError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("another chaperone daemon (lock {path}) already serves pin_dir {pin_dir}; stop it first")]
+    AlreadyRunning { path: PathBuf, pin_dir: PathBuf },
+    #[error("taking the daemon lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("writing {path}: {source}")]
     StatusFile {
         path: PathBuf,
@@ -75,6 +82,7 @@ pub struct DaemonStatus {
 /// Run the daemon until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), AppError> {
     raise_fd_limit();
+    let _lock = lock_pin_dir(&config)?;
     let tree = AgentTree::locate(&config.agent_cgroup)?;
     tree.ensure()?;
     let (v4, v6) = bind(&config)?;
@@ -176,6 +184,44 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, AppError> {
     socket.set_reuseaddr(true).map_err(bind_err)?;
     socket.bind(addr).map_err(bind_err)?;
     socket.listen(BACKLOG).map_err(bind_err)
+}
+
+/// Directory of the per-installation daemon locks.
+const LOCK_DIR: &str = "/run/chaperone";
+
+/// One daemon per installation: a second one would adopt the same links and point them at its
+/// own port. The lock is an flock, so a crashed daemon never leaves it stale.
+fn lock_pin_dir(config: &Config) -> Result<std::fs::File, AppError> {
+    let name: String = config
+        .pin_dir
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect();
+    let path = PathBuf::from(LOCK_DIR).join(format!("{name}.lock"));
+    let err = |source| AppError::Lock {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(LOCK_DIR).map_err(err)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(err)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(AppError::AlreadyRunning {
+                path,
+                pin_dir: config.pin_dir.clone(),
+            });
+        }
+        return Err(err(e));
+    }
+    Ok(file)
 }
 
 fn write_status(config: &Config, status: &DaemonStatus) -> Result<(), AppError> {

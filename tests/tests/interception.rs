@@ -250,6 +250,13 @@ fn fail_closed_when_the_daemon_is_down_and_recovers_after_restart() {
     assert_eq!(echo.accepted(), 1, "nothing reached the server while the daemon was down");
 
     d.spawn(); // re-adopts the pinned links
+    // A second daemon for the same installation would steal the links: it refuses to start.
+    let second = std::process::Command::new(chaperone_tests::chaperone_bin())
+        .args(["--config", d.config.to_str().unwrap(), "daemon"])
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another chaperone daemon"), "{second:?}");
     assert_eq!(py_connect(&d, "t", &[("127.0.0.1", port)])["conns"][0]["echo_ok"], true);
     assert_eq!(echo.accepted(), 2);
 
