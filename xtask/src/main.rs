@@ -4,6 +4,9 @@
 //!   daemon, a local web service as its target, an unmodified `curl` run as an agent (allowed),
 //!   one to an unlisted destination (refused), the recorded sessions, and fail-closed.
 //! - `cargo xtask test`: set up, build, and run every test (unit and end-to-end).
+//! - `cargo xtask bench relay`: interception cost against a direct baseline, same run.
+
+mod bench;
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
@@ -31,6 +34,14 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Benchmarks, each printed beside a baseline measured in the same run.
+    Bench {
+        #[arg(value_enum, default_value = "relay")]
+        what: BenchKind,
+    },
+    /// (internal) The benchmark client, run directly and as an agent.
+    #[command(hide = true)]
+    BenchClient { echo: std::net::SocketAddr, sink: std::net::SocketAddr },
     /// Set up, build, and run every test.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -39,9 +50,24 @@ enum Task {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchKind {
+    /// New-connection latency and bulk throughput, direct vs through the proxy.
+    Relay,
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup(),
+        Task::Bench { what: BenchKind::Relay } => {
+            require_root()?;
+            setup()?;
+            // Release builds of both the daemon and the benchmark client.
+            run(cargo().args(["build", "--release", "-p", "gateway-user", "-p", "xtask"]))?;
+            let release = root().join("target/release");
+            bench::relay(&release.join("chaperone"), &release.join("xtask"))
+        }
+        Task::BenchClient { echo, sink } => bench::client(echo, sink),
         Task::Demo { keep } => demo(keep),
         Task::Test { args } => test(&args),
     }
@@ -135,7 +161,7 @@ fn demo(keep: bool) -> Result<()> {
 
     step("chaperone daemon (embedded default config; its log follows)");
     let mut daemon = Guard(chaperone().arg("daemon").spawn()?);
-    wait_ready(&bin, &mut daemon)?;
+    wait_ready(&bin, None, &mut daemon)?;
 
     step("agent: chaperone run --as demo-agent -- curl http://127.0.0.1:18080/  (target: allowed)");
     let _ = chaperone()
@@ -176,10 +202,14 @@ fn sigterm(pid: u32) {
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
 }
 
-fn wait_ready(bin: &Path, daemon: &mut Guard) -> Result<()> {
+fn wait_ready(bin: &Path, config: Option<&Path>, daemon: &mut Guard) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let out = Command::new(bin).args(["status", "--json"]).output()?;
+        let mut cmd = Command::new(bin);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        let out = cmd.args(["status", "--json"]).output()?;
         let text = String::from_utf8_lossy(&out.stdout);
         if text.contains(&format!("\"pid\":{}", daemon.0.id())) {
             return Ok(());

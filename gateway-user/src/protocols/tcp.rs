@@ -1,51 +1,107 @@
 //! Opaque pass-through: bytes both ways, untouched, verdict taken once at connect time.
 //!
-//! Half-close is preserved (an EOF from one side becomes a `shutdown(SHUT_WR)` on the other,
-//! and the other direction keeps flowing), back-pressure is the socket's own (a direction reads
-//! again only after its last write completed), and byte counts survive errors.
+//! Zero-copy: each direction moves bytes socket → pipe → socket with splice(2), so payload never
+//! enters user space. Half-close is preserved (an EOF from one side becomes a
+//! `shutdown(SHUT_WR)` on the other, and the other direction keeps flowing), back-pressure is
+//! the sockets' own (a direction reads again only once its pipe is drained into the peer), and
+//! byte counts survive errors and cancellation.
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
 };
+use tokio::{io::Interest, net::TcpStream};
 
-/// Per-direction buffer: 64 KiB measured ~2x the throughput of 8 KiB on this hardware.
-const BUF: usize = 64 * 1024;
+/// Bytes moved per splice; the pipe is sized to match.
+const CHUNK: usize = 256 * 1024;
 
 /// Relay until both directions have closed, or either fails. `up` (agent to upstream) and
 /// `down` are counted as bytes move, so they are right after an error or a cancellation too.
-pub async fn relay(
-    client: TcpStream,
-    upstream: TcpStream,
-    up: &mut u64,
-    down: &mut u64,
-) -> std::io::Result<()> {
-    let (cr, cw) = client.into_split();
-    let (ur, uw) = upstream.into_split();
-    // On the first error try_join drops the other direction, closing both sockets.
-    tokio::try_join!(pump(cr, uw, up), pump(ur, cw, down)).map(drop)
+pub async fn relay(client: TcpStream, upstream: TcpStream, up: &mut u64, down: &mut u64) -> io::Result<()> {
+    // On the first error try_join drops the other direction; the sockets close when we return.
+    tokio::try_join!(pump(&client, &upstream, up), pump(&upstream, &client, down)).map(drop)
 }
 
-async fn pump<R, W>(mut r: R, mut w: W, count: &mut u64) -> std::io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUF];
+async fn pump(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<()> {
+    let pipe = Pipe::new()?;
     loop {
-        let n = r.read(&mut buf).await?;
+        let n = io_when_ready(src, Interest::READABLE, || splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)).await?;
         if n == 0 {
-            return w.shutdown().await;
+            // SAFETY: shutdown on a socket fd we borrow for the call.
+            if unsafe { libc::shutdown(dst.as_raw_fd(), libc::SHUT_WR) } != 0 {
+                let e = io::Error::last_os_error();
+                // The peer may already be gone; that is the other direction's error to report.
+                if e.raw_os_error() != Some(libc::ENOTCONN) {
+                    return Err(e);
+                }
+            }
+            return Ok(());
         }
-        w.write_all(&buf[..n]).await?;
-        *count += n as u64;
+        let mut left = n;
+        while left > 0 {
+            let m = io_when_ready(dst, Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)).await?;
+            left -= m;
+            *count += m as u64;
+        }
+    }
+}
+
+/// Run a non-blocking syscall on `s` once it is ready for `interest`, retrying on EAGAIN
+/// (tokio clears the readiness it had cached).
+async fn io_when_ready(s: &TcpStream, interest: Interest, mut f: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+    loop {
+        s.ready(interest).await?;
+        match s.try_io(interest, &mut f) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain splice between fds we hold; null offsets (sockets and pipes have none).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// A non-blocking pipe, the kernel-side buffer of one direction.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh fds from pipe2.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // Best effort: a smaller pipe (pipe-max-size, or an unprivileged user's quota) still works.
+        // SAFETY: fcntl on an fd we own.
+        unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+        Ok(Self { read, write })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
 
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
