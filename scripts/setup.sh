@@ -2,7 +2,7 @@
 # Installs what building and testing Chaperone need, idempotently: each step is skipped when
 # already done, so a second run takes about a second. Needs root (apt) on a fresh machine.
 #
-#   - LLVM 22 (matches nightly rustc's LLVM) for bpf-linker
+#   - LLVM 22 (matches nightly rustc's LLVM) for bpf-linker; libclang for pg_query's bindgen
 #   - nightly rust-src (the eBPF crate is built with -Z build-std=core)
 #   - bpf-linker built against LLVM 22 (without LLVM_PREFIX it picks LLVM 14 and fails)
 #   - the clients the end-to-end tests run as agents: curl, python3
@@ -11,7 +11,7 @@ set -euo pipefail
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(llvm-22-dev curl python3 iproute2)
+APT_PACKAGES=(llvm-22-dev libclang-dev curl python3 iproute2)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -73,6 +73,10 @@ const _: () = assert!(core::mem::size_of::<OrigDst>() == 56);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ProxyConfig {
+    /// Cookie of the network namespace the proxy listens in. Agent sockets in any other
+    /// namespace (`unshare -n`) are refused: the proxy is not reachable from there, and their
+    /// local addresses would collide with the host's in [`MAP_ORIG_BY_ADDR`].
+    pub netns_cookie: u64,
     /// 0 until the daemon has written the proxy address. While 0, agents' TCP connects are
     /// refused: an unconfigured redirect fails closed.
     pub enabled: u32,
@@ -83,8 +87,9 @@ pub struct ProxyConfig {
     /// Listener port, host byte order (the same port on both families).
     pub proxy_port: u16,
     pub _pad: u16,
+    pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 28);
+const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
 
 /// One allowed DNS resolver. Element of [`MAP_DNS`]; unused slots have `in_use == 0`.
 #[repr(C)]

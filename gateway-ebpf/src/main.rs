@@ -8,6 +8,11 @@
 //!   local address, which is the peer address the proxy sees on accept.
 //! - `getpeername4`/`getpeername6`: the agent sees the peer it asked for, not the proxy.
 //! - `sock_release`: drops the by-cookie entry when the agent's socket goes away.
+//! - `sock_create`: agents may create only TCP and UDP sockets (no ICMP ping sockets, SCTP,
+//!   MPTCP or raw sockets, whose traffic no other hook sees).
+//! - `cgroup_skb` egress/ingress: the backstop. An agent socket's packets may only go to or come
+//!   from loopback (the proxy) and the DNS resolvers, whatever path put them on the wire (a
+//!   `listen()` without `bind()`, a protocol a hook missed).
 //!
 //! Programs stay thin: each calls a `try_` function and maps failure to a named verdict.
 //! Kernel minimum: 6.1 (`bpf_get_current_*` helpers in cgroup sock_addr programs,
@@ -20,11 +25,12 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, bpf_sock_ops},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, generated::bpf_get_socket_cookie,
+        bpf_get_current_uid_gid,
+        generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     },
-    macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, map, sock_ops},
     maps::{Array, LruHashMap},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use gateway_common::{
@@ -39,6 +45,10 @@ const REFUSE: i32 = 0;
 /// When a program cannot do its job (no config, a map full or unreadable), the connection is
 /// refused: an agent connection that cannot be tracked must not reach the network directly.
 const ON_ERROR: i32 = REFUSE;
+
+/// cgroup_skb and cgroup_sock verdicts.
+const PASS: i32 = 1;
+const DROP: i32 = 0;
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
@@ -85,6 +95,10 @@ fn verdict(r: Result<i32, ()>) -> i32 {
 
 fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<i32, ()> {
     let sa = ctx.sock_addr;
+    let cfg = CONFIG.get(0).ok_or(())?;
+    if !in_proxy_netns(ctx, cfg) {
+        return Ok(REFUSE);
+    }
     let (ty, proto) = unsafe { ((*sa).type_, (*sa).protocol) };
     let dst = read_user_addr(sa, family);
     let port = user_port(sa);
@@ -95,7 +109,6 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<i32, ()> {
     if ty != SOCK_STREAM || proto != IPPROTO_TCP {
         return Ok(REFUSE);
     }
-    let cfg = CONFIG.get(0).ok_or(())?;
     if cfg.enabled == 0 {
         return Ok(REFUSE);
     }
@@ -122,6 +135,13 @@ fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<i32, ()> {
     Ok(ALLOW)
 }
 
+/// Whether the socket lives in the network namespace the proxy listens in.
+#[inline(always)]
+fn in_proxy_netns(ctx: &SockAddrContext, cfg: &ProxyConfig) -> bool {
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    cookie == cfg.netns_cookie
+}
+
 /// The proxy listener in the form the agent's socket needs: v4-mapped for IPv4 sockets and for
 /// IPv6 sockets dialing a v4-mapped address (they must reach the IPv4 listener), IPv6 otherwise.
 #[inline(always)]
@@ -137,26 +157,98 @@ fn proxy_addr_for(cfg: &ProxyConfig, dst: &[u32; 4]) -> [u32; 4] {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dns_only_sendmsg4(ctx: SockAddrContext) -> i32 {
-    let dst = read_user_addr(ctx.sock_addr, AF_INET);
-    dns_verdict(&dst, user_port(ctx.sock_addr))
+    sendmsg_verdict(&ctx, AF_INET)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dns_only_sendmsg6(ctx: SockAddrContext) -> i32 {
-    let dst = read_user_addr(ctx.sock_addr, AF_INET6);
-    dns_verdict(&dst, user_port(ctx.sock_addr))
+    sendmsg_verdict(&ctx, AF_INET6)
+}
+
+#[inline(always)]
+fn sendmsg_verdict(ctx: &SockAddrContext, family: u16) -> i32 {
+    match CONFIG.get(0) {
+        Some(cfg) if in_proxy_netns(ctx, cfg) => {
+            let dst = read_user_addr(ctx.sock_addr, family);
+            dns_verdict(&dst, user_port(ctx.sock_addr))
+        }
+        _ => REFUSE,
+    }
 }
 
 #[inline(always)]
 fn dns_verdict(dst: &[u32; 4], port: u16) -> i32 {
+    if is_resolver(dst, Some(port)) { ALLOW } else { REFUSE }
+}
+
+/// Whether `addr` (and `port`, when given) is a configured DNS resolver.
+#[inline(always)]
+fn is_resolver(addr: &[u32; 4], port: Option<u16>) -> bool {
     for i in 0..MAX_DNS_RESOLVERS {
         if let Some(r) = DNS_RESOLVERS.get(i) {
-            if r.in_use != 0 && r.port == port && r.addr == *dst {
-                return ALLOW;
+            if r.in_use != 0 && port.is_none_or(|p| p == r.port) && r.addr == *addr {
+                return true;
             }
         }
     }
-    REFUSE
+    false
+}
+
+// ---- sock_create: TCP and UDP only -----------------------------------------------------------
+
+#[cgroup_sock(sock_create)]
+pub fn inet_sock_create(ctx: SockContext) -> i32 {
+    let (ty, proto) = unsafe { ((*ctx.sock).type_, (*ctx.sock).protocol) };
+    let tcp = ty == SOCK_STREAM && proto == IPPROTO_TCP;
+    let udp = ty == SOCK_DGRAM && proto == IPPROTO_UDP;
+    if tcp || udp { PASS } else { DROP }
+}
+
+// ---- cgroup_skb: the backstop ----------------------------------------------------------------
+
+const ETH_P_IP: u32 = 0x0800;
+const ETH_P_IPV6: u32 = 0x86DD;
+
+#[cgroup_skb(egress)]
+pub fn backstop_egress(ctx: SkBuffContext) -> i32 {
+    // IPv4 destination at offset 16, IPv6 destination at 24.
+    backstop(&ctx, 16, 24)
+}
+
+#[cgroup_skb(ingress)]
+pub fn backstop_ingress(ctx: SkBuffContext) -> i32 {
+    // IPv4 source at offset 12, IPv6 source at 8.
+    backstop(&ctx, 12, 8)
+}
+
+/// Pass a packet only if its far end is loopback or a DNS resolver. Packets that cannot be
+/// read are dropped.
+#[inline(always)]
+fn backstop(ctx: &SkBuffContext, off4: usize, off6: usize) -> i32 {
+    let proto = u32::from(u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16));
+    let addr = if proto == ETH_P_IP {
+        match ctx.load::<u32>(off4) {
+            Ok(ip4) => v4_mapped(ip4),
+            Err(_) => return DROP,
+        }
+    } else if proto == ETH_P_IPV6 {
+        match ctx.load::<[u32; 4]>(off6) {
+            Ok(a) => a,
+            Err(_) => return DROP,
+        }
+    } else {
+        return DROP;
+    };
+    if is_loopback(&addr) || is_resolver(&addr, None) { PASS } else { DROP }
+}
+
+/// 127.0.0.0/8 (v4-mapped) or ::1.
+#[inline(always)]
+fn is_loopback(addr: &[u32; 4]) -> bool {
+    if is_v4_mapped(addr) {
+        return addr[3].to_ne_bytes()[0] == 127;
+    }
+    addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == u32::from_ne_bytes([0, 0, 0, 1])
 }
 
 // ---- sock_ops: re-key by local address -------------------------------------------------------

@@ -191,7 +191,7 @@ const LOCK_DIR: &str = "/run/chaperone";
 
 /// One daemon per installation: a second one would adopt the same links and point them at its
 /// own port. The lock is an flock, so a crashed daemon never leaves it stale.
-fn lock_pin_dir(config: &Config) -> Result<std::fs::File, AppError> {
+pub fn lock_pin_dir(config: &Config) -> Result<std::fs::File, AppError> {
     let name: String = config
         .pin_dir
         .to_string_lossy()

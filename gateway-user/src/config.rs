@@ -5,7 +5,7 @@
 //! `/etc/resolv.conf` when no resolvers are configured). Errors name the file, line and column.
 //!
 //! ```yaml
-//! listen_port: 15001
+//! listen_port: 987
 //! unlisted: deny            # or allow: relay as raw TCP, recorded
 //! targets:
 //!   - name: app
@@ -101,6 +101,7 @@ pub struct Dns {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Port of the proxy listener, the same on IPv4 and IPv6. 0 picks a free one.
+    /// Default 987: privileged, so no other user can squat it while the daemon is down.
     #[serde(default = "default_listen_port")]
     pub listen_port: u16,
     #[serde(default = "default_listen_ipv4")]
@@ -127,8 +128,10 @@ pub struct Config {
     pub source: String,
 }
 
+/// Below 1024 so that, while the daemon is down, no unprivileged process can take the port
+/// agents are redirected to.
 fn default_listen_port() -> u16 {
-    15001
+    987
 }
 fn default_listen_ipv4() -> Ipv4Addr {
     Ipv4Addr::LOCALHOST
@@ -209,12 +212,19 @@ impl Config {
                 return Err(invalid(format!("target `{}`: port 0 is not a port", t.name)));
             }
         }
-        if self.agent_cgroup.is_absolute()
+        if self.agent_cgroup.as_os_str().is_empty()
+            || self.agent_cgroup.is_absolute()
             || self.agent_cgroup.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
         {
             return Err(invalid(format!(
-                "agent_cgroup `{}` must be a relative path below the cgroup2 mount, without `..`",
+                "agent_cgroup `{}` must be a non-empty relative path below the cgroup2 mount, without `..`",
                 self.agent_cgroup.display()
+            )));
+        }
+        if !self.listen_ipv4.is_loopback() || !self.listen_ipv6.is_loopback() {
+            return Err(invalid(format!(
+                "listen_ipv4/listen_ipv6 ({}, {}) must be loopback addresses: the proxy serves this host only",
+                self.listen_ipv4, self.listen_ipv6
             )));
         }
         if !self.pin_dir.is_absolute() {
@@ -283,7 +293,7 @@ mod tests {
     #[test]
     fn defaults_fill_an_empty_file() {
         let cfg = Config::parse("{}", "x").unwrap();
-        assert_eq!(cfg.listen_port, 15001);
+        assert_eq!(cfg.listen_port, 987);
         assert_eq!(cfg.unlisted, Unlisted::Deny);
         assert_eq!(cfg.agent_cgroup, Path::new("chaperone.agents"));
     }
@@ -324,6 +334,8 @@ mod tests {
         assert!(Config::parse(dup, "x").unwrap_err().to_string().contains("defined twice"));
         assert!(Config::parse("agent_cgroup: ../escape\n", "x").is_err());
         assert!(Config::parse("agent_cgroup: /abs\n", "x").is_err());
+        assert!(Config::parse("agent_cgroup: ''\n", "x").is_err());
+        assert!(Config::parse("listen_ipv4: 0.0.0.0\n", "x").is_err());
         assert!(Config::parse("pin_dir: relative\n", "x").is_err());
     }
 

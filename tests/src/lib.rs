@@ -122,7 +122,8 @@ impl TestDaemon {
         d
     }
 
-    fn cmd(&self) -> Command {
+    /// `chaperone --config <this daemon's config>`, for any subcommand.
+    pub fn cmd(&self) -> Command {
         let mut c = Command::new(chaperone_bin());
         c.arg("--config").arg(&self.config);
         c
@@ -183,10 +184,11 @@ impl TestDaemon {
         }
     }
 
-    /// `chaperone run --as NAME -- ARGS…`, capturing output.
+    /// `chaperone run --as NAME --user nobody -- ARGS…`, capturing output: agents run
+    /// unprivileged, as they should in production.
     pub fn run_agent(&self, name: &str, args: &[&str]) -> Output {
         self.cmd()
-            .args(["run", "--as", name, "--"])
+            .args(["run", "--as", name, "--user", "nobody", "--"])
             .args(args)
             .output()
             .expect("spawning chaperone run")
@@ -224,7 +226,7 @@ impl TestDaemon {
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill();
-        let _ = self.cmd().args(["daemon", "--uninstall"]).output();
+        let _ = self.cmd().args(["daemon", "--uninstall", "--force"]).output();
         if !thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -325,4 +327,62 @@ impl UdpSink {
 pub fn last_json(stdout: &str) -> Value {
     let line = stdout.lines().last().unwrap_or_else(|| panic!("agent printed nothing"));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("agent output `{line}` is not JSON: {e}"))
+}
+
+/// A "remote" host for tests: a network namespace joined to this one by a veth pair, with
+/// 10.213.N.1 on our side and 10.213.N.2 inside. Removed on drop.
+pub struct PeerNetns {
+    pub name: String,
+    pub host_ip: std::net::Ipv4Addr,
+    pub peer_ip: std::net::Ipv4Addr,
+}
+
+impl PeerNetns {
+    pub fn new() -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = (std::process::id() as u64 * 7 + N.fetch_add(1, Ordering::Relaxed)) % 250 + 1;
+        let name = format!("chp{}-{n}", std::process::id() % 100_000);
+        let (vh, vp) = (format!("vh{}-{n}", std::process::id() % 10_000), format!("vp{}-{n}", std::process::id() % 10_000));
+        let host_ip = std::net::Ipv4Addr::new(10, 213, n as u8, 1);
+        let peer_ip = std::net::Ipv4Addr::new(10, 213, n as u8, 2);
+        let ip = |args: &str| {
+            let out = Command::new("ip").args(args.split_whitespace()).output().expect("ip (iproute2)");
+            assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        ip(&format!("netns add {name}"));
+        let ns = Self { name: name.clone(), host_ip, peer_ip };
+        ip(&format!("link add {vh} type veth peer name {vp}"));
+        ip(&format!("link set {vp} netns {name}"));
+        ip(&format!("addr add {host_ip}/30 dev {vh}"));
+        ip(&format!("link set {vh} up"));
+        ip(&format!("-n {name} addr add {peer_ip}/30 dev {vp}"));
+        ip(&format!("-n {name} link set {vp} up"));
+        ip(&format!("-n {name} link set lo up"));
+        ns
+    }
+
+    /// A command run inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for PeerNetns {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys the veth pair with it.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// A child process killed when the test ends, panicking or not (so a failed test leaves no
+/// server behind holding the test runner's output open).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

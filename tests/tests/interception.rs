@@ -408,7 +408,7 @@ fn uninstall_removes_interception_and_run_then_refuses() {
         .output()
         .unwrap();
     let report = last_json(&assert_ok(&out, "uninstall"));
-    assert!(report["removed"].as_array().unwrap().len() >= 10, "{report}");
+    assert!(report["removed"].as_array().unwrap().len() >= 15, "{report}");
     assert!(!d.pin_dir.exists(), "pin dir removed");
     assert_eq!(d.status()["redirect"]["installed"], false);
     let out = d.run_agent("t", &["true"]);
@@ -418,4 +418,187 @@ fn uninstall_removes_interception_and_run_then_refuses() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn agents_run_unprivileged_and_cannot_leave_their_cgroup() {
+    if skip_unless_root("agents_run_unprivileged_and_cannot_leave_their_cgroup") {
+        return;
+    }
+    let echo = EchoServer::start("127.0.0.1:0");
+    let d = TestDaemon::start(DaemonOptions::default()); // the echo server is unlisted: denied
+    // Root is refused unless asked for explicitly.
+    let out = d.cmd().args(["run", "--", "true"]).env_remove("SUDO_UID").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("refusing to run the agent as root"), "{}", stderr(&out));
+    // As nobody: no way back to the root cgroup, and still intercepted afterwards.
+    let mount = d.status()["agent_cgroup"].as_str().unwrap().rsplit_once('/').unwrap().0.to_string();
+    let script = format!(
+        "id -u; echo $$ > {mount}/cgroup.procs && echo ESCAPED; python3 -c '{}' 127.0.0.1 {}",
+        PY_CONNECT.replace('\'', "\"").replace("\"\"\"", ""),
+        echo.addr.port()
+    );
+    let out = d.run_agent("t", &["sh", "-c", &script]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!stdout.contains("ESCAPED"), "{stdout}");
+    assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
+    assert_ne!(stdout.lines().next(), Some("0"), "the agent must not run as root");
+    let r = last_json(&stdout);
+    assert_ne!(r["conns"][0]["echo_ok"], true, "{r}");
+    assert_eq!(echo.accepted(), 0);
+}
+
+#[test]
+fn sockets_inherited_from_outside_the_tree_are_not_passed_to_agents() {
+    if skip_unless_root("sockets_inherited_from_outside_the_tree_are_not_passed_to_agents") {
+        return;
+    }
+    let echo = EchoServer::start("127.0.0.1:0");
+    let d = TestDaemon::start(DaemonOptions::default());
+    // A launcher outside the tree opens a connection to an unlisted destination and hands it
+    // down as fd 3; the agent must not be able to use it.
+    let launcher = format!(
+        r#"
+import os, socket, subprocess, sys
+s = socket.create_connection(("127.0.0.1", {port}))
+os.dup2(s.fileno(), 3); os.set_inheritable(3, True)
+agent = "import os; print('fd 3 open' if os.path.exists('/proc/self/fd/3') else 'fd 3 closed')"
+r = subprocess.run([sys.argv[1], "--config", sys.argv[2], "run", "--user", "nobody", "--", "python3", "-c", agent],
+                   pass_fds=(3,), capture_output=True, text=True)
+print(r.stdout.strip()); print(r.stderr.strip(), file=sys.stderr)
+"#,
+        port = echo.addr.port()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &launcher, chaperone_tests::chaperone_bin().to_str().unwrap(), d.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.trim(), "fd 3 closed", "stderr: {}", stderr(&out));
+}
+
+#[test]
+fn pins_attached_to_another_tree_are_refused_by_daemon_and_run() {
+    if skip_unless_root("pins_attached_to_another_tree_are_refused_by_daemon_and_run") {
+        return;
+    }
+    let mut d = TestDaemon::start(DaemonOptions::default());
+    d.stop();
+    // Same pins, another agent tree: adopting would leave the new tree unguarded.
+    let original = std::fs::read_to_string(&d.config).unwrap();
+    let moved = original.replace("agent_cgroup: chaperone-e2e-", "agent_cgroup: chaperone-e2e-moved-");
+    let other = d.dir.join("moved.yaml");
+    std::fs::write(&other, &moved).unwrap();
+    let bin = chaperone_tests::chaperone_bin();
+    let daemon = std::process::Command::new(&bin).args(["--config", other.to_str().unwrap(), "daemon"]).output().unwrap();
+    assert_eq!(daemon.status.code(), Some(2));
+    assert!(stderr(&daemon).contains("attached to another cgroup"), "{}", stderr(&daemon));
+    let run = std::process::Command::new(&bin)
+        .args(["--config", other.to_str().unwrap(), "run", "--user", "nobody", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert!(stderr(&run).contains("Refusing to run an agent unintercepted"), "{}", stderr(&run));
+    let status: Value = serde_json::from_slice(
+        &std::process::Command::new(&bin).args(["--config", other.to_str().unwrap(), "--json", "status"]).output().unwrap().stdout,
+    )
+    .unwrap();
+    assert_eq!(status["redirect"]["installed"], false, "{status}");
+    // Clean up the moved tree the failed attempts created.
+    let _ = std::process::Command::new(&bin).args(["--config", other.to_str().unwrap(), "daemon", "--uninstall"]).output();
+}
+
+#[test]
+fn uninstall_refuses_while_agents_run_unless_forced() {
+    if skip_unless_root("uninstall_refuses_while_agents_run_unless_forced") {
+        return;
+    }
+    let mut d = TestDaemon::start(DaemonOptions::default());
+    let mut agent = chaperone_tests::KillOnDrop(d.cmd().args(["run", "--user", "nobody", "--", "sleep", "60"]).spawn().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    // While the daemon runs, uninstall is refused outright.
+    let out = d.cmd().args(["daemon", "--uninstall"]).output().unwrap();
+    assert!(stderr(&out).contains("another chaperone daemon"), "{}", stderr(&out));
+    d.stop();
+    let out = d.cmd().args(["daemon", "--uninstall"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("agents are still running"), "{}", stderr(&out));
+    assert!(d.pin_dir.exists());
+    let out = d.cmd().args(["daemon", "--uninstall", "--force"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let status = agent.0.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "the agent was killed, not left unintercepted");
+    assert!(!d.pin_dir.exists());
+}
+
+/// A target on another host (a network namespace reached over a veth pair): the daemon relays
+/// to it, while the agent's own packets never leave loopback.
+#[test]
+fn remote_targets_are_relayed_and_agents_accept_nothing_from_outside() {
+    if skip_unless_root("remote_targets_are_relayed_and_agents_accept_nothing_from_outside") {
+        return;
+    }
+    let peer = chaperone_tests::PeerNetns::new();
+    // An echo server on the remote host.
+    let port = chaperone_tests::free_port();
+    let mut remote = chaperone_tests::KillOnDrop(peer
+        .command("python3")
+        .args([
+            "-c",
+            "import socket,sys\ns=socket.create_server((sys.argv[1],int(sys.argv[2])))\nprint('up',flush=True)\nwhile True:\n c,_=s.accept(); c.sendall(c.recv(100)); c.close()",
+            &peer.peer_ip.to_string(),
+            &port.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(remote.0.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "up");
+    let d = TestDaemon::start(DaemonOptions {
+        targets: vec![("remote".into(), peer.peer_ip.to_string(), port)],
+        ..Default::default()
+    });
+    let out = py_connect(&d, "t", &[(&peer.peer_ip.to_string(), port)]);
+    assert_eq!(out["conns"][0]["echo_ok"], true, "{out}");
+    assert_eq!(out["conns"][0]["peer"], serde_json::json!([peer.peer_ip.to_string(), port]));
+
+    // The agent listens on all addresses (no bind needed: listen() alone autobinds). A client
+    // on the remote host cannot reach it; one on loopback can.
+    let listen_port = chaperone_tests::free_port();
+    let agent_script = format!(
+        "import socket\ns=socket.socket()\ns.bind(('0.0.0.0',{listen_port}))\ns.listen()\nprint('ready',flush=True)\ns.settimeout(3)\nn=0\ntry:\n  while True:\n    c,a=s.accept(); n+=1; c.close()\nexcept socket.timeout:\n  pass\nprint('accepted',n)"
+    );
+    let mut agent = chaperone_tests::KillOnDrop(
+        d.cmd()
+            .args(["run", "--user", "nobody", "--", "python3", "-c", &agent_script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut reader = std::io::BufReader::new(agent.0.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    let from_remote = peer
+        .command("python3")
+        .args([
+            "-c",
+            "import socket,sys\ntry:\n socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=2); print('connected')\nexcept OSError as e: print('failed', type(e).__name__)",
+            &peer.host_ip.to_string(),
+            &listen_port.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let from_remote = String::from_utf8_lossy(&from_remote.stdout).trim().to_string();
+    assert!(from_remote.starts_with("failed"), "a remote host reached an agent's socket: {from_remote}");
+    TcpStream::connect(("127.0.0.1", listen_port)).expect("loopback clients may reach agent servers");
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest.trim(), "accepted 1", "only the loopback connection was accepted");
+    drop((agent, remote));
 }

@@ -123,7 +123,7 @@ pub fn relay(chaperone: &Path, client_bin: &Path) -> Result<()> {
     );
     crate::wait_ready(chaperone, Some(&config), &mut daemon)?;
     let via = Command::new(chaperone)
-        .args(["--config", config.to_str().unwrap(), "run", "--as", "bench", "--"])
+        .args(["--config", config.to_str().unwrap(), "run", "--as", "bench", "--user", "nobody", "--"])
         .arg(me)
         .args(&client_args)
         .output()?;

@@ -165,13 +165,13 @@ fn demo(keep: bool) -> Result<()> {
 
     step("agent: chaperone run --as demo-agent -- curl http://127.0.0.1:18080/  (target: allowed)");
     let _ = chaperone()
-        .args(["run", "--as", "demo-agent", "--", "curl", "-sS", "-w", "curl saw peer %{remote_ip}:%{remote_port}\n", "http://127.0.0.1:18080/"])
+        .args(["run", "--as", "demo-agent", "--user", "nobody", "--", "curl", "-sS", "-w", "curl saw peer %{remote_ip}:%{remote_port}\n", "http://127.0.0.1:18080/"])
         .status()?;
     thread::sleep(Duration::from_millis(200));
 
     step("agent: curl http://127.0.0.1:18081/  (no target names it; unlisted: deny)");
     let _ = chaperone()
-        .args(["run", "--as", "demo-agent", "--", "curl", "-sS", "http://127.0.0.1:18081/"])
+        .args(["run", "--as", "demo-agent", "--user", "nobody", "--", "curl", "-sS", "http://127.0.0.1:18081/"])
         .status()?;
     thread::sleep(Duration::from_millis(200));
 
@@ -188,7 +188,7 @@ fn demo(keep: bool) -> Result<()> {
     sigterm(daemon.0.id());
     daemon.0.wait()?;
     let _ = chaperone()
-        .args(["run", "--as", "demo-agent", "--", "curl", "-sS", "http://127.0.0.1:18080/"])
+        .args(["run", "--as", "demo-agent", "--user", "nobody", "--", "curl", "-sS", "http://127.0.0.1:18080/"])
         .status()?;
     run(chaperone().arg("status"))?;
 

@@ -47,10 +47,14 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct DaemonArgs {
-    /// Remove the pinned programs and maps and the empty agent cgroups, then exit. Agents in
-    /// the tree are no longer intercepted afterwards.
+    /// Remove the pinned programs and maps and the agent cgroups, then exit. Refused while a
+    /// daemon runs, or while agents run (see --force).
     #[arg(long)]
     pub uninstall: bool,
+    /// With --uninstall: kill the agents still running instead of refusing (they would run on
+    /// unintercepted).
+    #[arg(long, requires = "uninstall")]
+    pub force: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +62,13 @@ pub struct RunArgs {
     /// The identity the agent runs as.
     #[arg(long = "as", value_name = "NAME", default_value = "agent")]
     pub as_name: String,
+    /// The Unix user the agent runs as (name or uid). Default: the user who invoked sudo.
+    /// Agents must be unprivileged: root could leave its cgroup or detach the programs.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Run the agent as root anyway. Interception is then advisory: a root agent can leave it.
+    #[arg(long, conflicts_with = "user")]
+    pub allow_root: bool,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
     pub command: Vec<String>,
@@ -74,7 +85,7 @@ pub struct SessionsArgs {
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
-        Command::Daemon(args) if args.uninstall => uninstall(&config, cli.json),
+        Command::Daemon(args) if args.uninstall => uninstall(&config, args.force, cli.json),
         Command::Daemon(_) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(crate::app::run(config))?;
@@ -90,9 +101,21 @@ fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string(value).expect("serializable"));
 }
 
-fn uninstall(config: &Config, json: bool) -> anyhow::Result<i32> {
+fn uninstall(config: &Config, force: bool, json: bool) -> anyhow::Result<i32> {
+    // Holding the daemon's lock proves no daemon serves these pins right now.
+    let _lock = crate::app::lock_pin_dir(config)?;
+    let tree = AgentTree::locate(&config.agent_cgroup)?;
+    if tree.is_marked() && tree.is_populated() {
+        if !force {
+            anyhow::bail!(
+                "agents are still running in {}; they would run on unintercepted. Stop them, or pass --force to kill them",
+                tree.root().display()
+            );
+        }
+        tree.kill_all()?;
+    }
     let removed = redirect::uninstall(&config.pin_dir)?;
-    let busy = AgentTree::locate(&config.agent_cgroup)?.remove_empty();
+    let busy = tree.remove_empty();
     if json {
         print_json(&serde_json::json!({ "removed": removed, "busy_cgroups": busy }));
     } else {
@@ -117,10 +140,11 @@ fn status(config: &Config, json: bool) -> anyhow::Result<i32> {
         .ok()
         .and_then(|b| serde_json::from_slice::<DaemonStatus>(&b).ok())
         .filter(|d| PathBuf::from(format!("/proc/{}", d.pid)).exists());
+    let tree = AgentTree::locate(&config.agent_cgroup)?;
     let report = StatusReport {
-        redirect: redirect::status(&config.pin_dir),
+        redirect: redirect::status(&config.pin_dir, tree.root()),
         daemon,
-        agent_cgroup: AgentTree::locate(&config.agent_cgroup).ok().map(|t| t.root().to_path_buf()),
+        agent_cgroup: Some(tree.root().to_path_buf()),
     };
     if json {
         print_json(&report);
@@ -129,8 +153,11 @@ fn status(config: &Config, json: bool) -> anyhow::Result<i32> {
     let r = &report.redirect;
     println!(
         "interception: {}",
-        if r.installed { "installed (pinned)" } else { "NOT installed" }
+        if r.installed { "installed (pinned, in effect on the agent tree)" } else { "NOT installed" }
     );
+    if let Some(p) = &r.problem {
+        println!("problem:      {p}");
+    }
     match &report.daemon {
         Some(d) => println!("daemon:       running, pid {}, listening on {:?}", d.pid, d.listen),
         None if r.installed => println!("daemon:       not running: agents' connections are refused"),

@@ -1,8 +1,11 @@
 //! `chaperone run`: start an unmodified command as an agent.
 //!
-//! The child joins a fresh cgroup of the agent tree between fork and exec, so its very first
-//! instruction already runs intercepted; nothing it or its descendants do is outside the tree.
-//! Refuses to start when interception is not installed: an agent must never run unwatched.
+//! Between fork and exec the child joins a fresh cgroup of the agent tree, marks every
+//! inherited descriptor close-on-exec (a socket opened outside the tree would not be
+//! intercepted), drops to an unprivileged user and sets no-new-privileges; so its very first
+//! instruction already runs intercepted, and it cannot climb back out. Before that, the kernel
+//! is asked whether the programs are really in effect on the new cgroup: an agent never runs
+//! unwatched.
 
 use super::RunArgs;
 use crate::{config::Config, identity::AgentTree, redirect};
@@ -11,26 +14,37 @@ use std::{
     ffi::CString,
     os::unix::{ffi::OsStrExt, process::CommandExt, process::ExitStatusExt},
     process::Command,
+    sync::atomic::{AtomicI32, Ordering},
 };
 
+/// Who the agent runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Account {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+}
+
 pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
-    if !redirect::is_installed(&config.pin_dir) {
-        bail!(
-            "interception is not installed (no pinned programs in {}); start `chaperone daemon` first. \
-             Refusing to run an agent unintercepted",
-            config.pin_dir.display()
-        );
-    }
+    let account = resolve_account(args)?;
     let tree = AgentTree::locate(&config.agent_cgroup)?;
     let cgroup = tree.new_agent_cgroup(&args.as_name)?;
+    if let Err(e) = redirect::verify_attached(&config.pin_dir, cgroup.path()) {
+        cgroup.remove_if_empty();
+        bail!("{e}. Is `chaperone daemon` installed for this configuration? Refusing to run an agent unintercepted");
+    }
     let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut cmd = Command::new(program);
     cmd.args(rest);
-    // SAFETY: the closure only makes async-signal-safe calls (open, write, close, signal).
+    // SAFETY: the closure only makes async-signal-safe calls (open, write, close, syscall,
+    // setgroups/setgid/setuid, prctl, signal).
     unsafe {
         cmd.pre_exec(move || {
             join_cgroup(&procs)?;
+            cloexec_inherited_fds()?;
+            if let Some(a) = account {
+                drop_privileges(a)?;
+            }
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGQUIT, libc::SIG_DFL);
             Ok(())
@@ -39,12 +53,61 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
-    let status = cmd.status();
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            cgroup.remove_if_empty();
+            return Err(e).with_context(|| format!("cannot start `{program}`"));
+        }
+    };
+    forward_signals_to(child.id() as i32);
+    let status = child.wait();
     cgroup.remove_if_empty();
-    let status = status.with_context(|| format!("cannot start `{program}`"))?;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    let status = status.context("waiting for the agent")?;
+    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// The account to drop to: `--user`, else the sudo caller; `None` only with `--allow-root` or
+/// when not running as root in the first place.
+fn resolve_account(args: &RunArgs) -> anyhow::Result<Option<Account>> {
+    if let Some(user) = &args.user {
+        return lookup_user(user).map(Some);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || args.allow_root {
+        return Ok(None);
+    }
+    if let (Ok(uid), Ok(gid)) = (std::env::var("SUDO_UID"), std::env::var("SUDO_GID")) {
+        if let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse()) {
+            if uid != 0 {
+                return Ok(Some(Account { uid, gid }));
+            }
+        }
+    }
+    bail!(
+        "refusing to run the agent as root: a root agent can leave its cgroup. \
+         Pass --user NAME (e.g. --user nobody), or --allow-root to accept that"
+    )
+}
+
+fn lookup_user(user: &str) -> anyhow::Result<Account> {
+    // SAFETY: getpwnam/getpwuid return a pointer into static storage or null; we copy out at once
+    // and call them from this single thread before spawning.
+    let pw = unsafe {
+        match user.parse::<libc::uid_t>() {
+            Ok(uid) => libc::getpwuid(uid),
+            Err(_) => libc::getpwnam(CString::new(user)?.as_ptr()),
+        }
+    };
+    if pw.is_null() {
+        bail!("no such user `{user}`");
+    }
+    // SAFETY: non-null passwd entry.
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    if uid == 0 {
+        bail!("--user {user} is root; use --allow-root if that is really meant");
+    }
+    Ok(Account { uid, gid })
 }
 
 /// Move the calling process into the cgroup whose `cgroup.procs` is `procs`.
@@ -63,4 +126,45 @@ fn join_cgroup(procs: &CString) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Mark every descriptor above stderr close-on-exec: sockets created outside the agent tree
+/// keep their cgroup, so an inherited one would not be intercepted. (Closing them outright
+/// would also close the pipe std uses to report exec failures.)
+fn cloexec_inherited_fds() -> std::io::Result<()> {
+    // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+fn drop_privileges(a: Account) -> std::io::Result<()> {
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+    // SAFETY: credential syscalls in the child between fork and exec.
+    unsafe {
+        check(libc::setgroups(0, std::ptr::null()))?;
+        check(libc::setgid(a.gid))?;
+        check(libc::setuid(a.uid))?;
+        // No setuid binary can hand the agent its privileges back.
+        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+    }
+    Ok(())
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// SIGTERM and SIGHUP sent to `chaperone run` (a supervisor stopping it) reach the agent.
+fn forward_signals_to(pid: i32) {
+    CHILD.store(pid, Ordering::Relaxed);
+    for sig in [libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installing a handler that only calls kill.
+        unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
+    }
 }

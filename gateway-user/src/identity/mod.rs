@@ -19,6 +19,9 @@ use std::{
 
 /// Extended attribute on an agent cgroup naming the identity it runs as.
 pub const IDENTITY_XATTR: &str = "trusted.chaperone.agent";
+/// Extended attribute marking a cgroup as a Chaperone agent tree root: the daemon attaches only
+/// to, and uninstall removes only, trees that carry it.
+pub const TREE_XATTR: &str = "trusted.chaperone.tree";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -33,6 +36,13 @@ pub enum IdentityError {
     },
     #[error("agent name `{0}` is not valid: use 1 to 64 of A-Z a-z 0-9 . _ @ -")]
     BadName(String),
+    #[error(
+        "{0} already exists and is not a Chaperone agent tree (it has processes or child cgroups); \
+         choose another agent_cgroup"
+    )]
+    ForeignTree(PathBuf),
+    #[error("this process runs inside the agent tree {0}: the daemon and `chaperone run` must live outside it")]
+    InsideTree(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
@@ -72,9 +82,65 @@ impl AgentTree {
         &self.root
     }
 
-    /// Create the tree's root cgroup if it does not exist.
+    /// Create (or adopt) the tree's root cgroup and mark it. An existing cgroup is adopted only
+    /// if it is already marked or is empty: attaching to, say, system.slice would intercept the
+    /// whole host, the daemon included.
     pub fn ensure(&self) -> Result<(), IdentityError> {
-        std::fs::create_dir_all(&self.root).map_err(io_err(&self.root))
+        if self.contains_this_process() {
+            return Err(IdentityError::InsideTree(self.root.clone()));
+        }
+        if self.is_marked() {
+            return Ok(());
+        }
+        match std::fs::create_dir(&self.root) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(&self.root).map_err(io_err(&self.root))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !is_empty_cgroup(&self.root) {
+                    return Err(IdentityError::ForeignTree(self.root.clone()));
+                }
+            }
+            Err(e) => return Err(io_err(&self.root)(e)),
+        }
+        set_xattr(&self.root, TREE_XATTR, b"1").map_err(io_err(&self.root))
+    }
+
+    /// Whether the tree root carries the Chaperone mark.
+    pub fn is_marked(&self) -> bool {
+        get_xattr(&self.root, TREE_XATTR).is_some()
+    }
+
+    /// Whether any process is left anywhere in the tree.
+    pub fn is_populated(&self) -> bool {
+        std::fs::read_to_string(self.root.join("cgroup.events"))
+            .is_ok_and(|e| e.lines().any(|l| l == "populated 1"))
+    }
+
+    /// Kill every process in the tree (cgroup.kill, Linux 5.14+) and wait until it is empty.
+    pub fn kill_all(&self) -> Result<(), IdentityError> {
+        let kill = self.root.join("cgroup.kill");
+        std::fs::write(&kill, "1").map_err(io_err(&kill))?;
+        for _ in 0..100 {
+            if !self.is_populated() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn contains_this_process(&self) -> bool {
+        let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") else {
+            return false;
+        };
+        let Some(mount) = crate::mounts::mount_points("cgroup2").ok().and_then(|m| m.into_iter().next()) else {
+            return false;
+        };
+        text.lines()
+            .filter_map(|l| l.strip_prefix("0::"))
+            .any(|own| mount.join(own.trim_start_matches('/')).starts_with(&self.root))
     }
 
     /// A fresh cgroup for one `chaperone run`, labelled with the identity `name`.
@@ -104,10 +170,13 @@ impl AgentTree {
     }
 
     /// Remove every cgroup of the tree that has no processes left, leaves first. Returns the
-    /// cgroups that could not be removed (still populated).
+    /// cgroups that could not be removed (still populated). A tree without the Chaperone mark
+    /// is left alone.
     pub fn remove_empty(&self) -> Vec<PathBuf> {
         let mut busy = Vec::new();
-        remove_tree(&self.root, &mut busy);
+        if self.is_marked() {
+            remove_tree(&self.root, &mut busy);
+        }
         busy
     }
 }
@@ -126,6 +195,15 @@ fn remove_tree(dir: &Path, busy: &mut Vec<PathBuf>) {
             busy.push(dir.to_path_buf());
         }
     }
+}
+
+/// No child cgroups and no processes.
+fn is_empty_cgroup(dir: &Path) -> bool {
+    let no_children = std::fs::read_dir(dir)
+        .map(|d| !d.flatten().any(|e| e.file_type().is_ok_and(|t| t.is_dir())))
+        .unwrap_or(false);
+    let no_procs = std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+    no_children && no_procs
 }
 
 fn find_by_inode(dir: &Path, ino: u64) -> Option<PathBuf> {

@@ -19,7 +19,14 @@ const CHUNK: usize = 256 * 1024;
 /// `down` are counted as bytes move, so they are right after an error or a cancellation too.
 pub async fn relay(client: TcpStream, upstream: TcpStream, up: &mut u64, down: &mut u64) -> io::Result<()> {
     // On the first error try_join drops the other direction; the sockets close when we return.
-    tokio::try_join!(pump(&client, &upstream, up), pump(&upstream, &client, down)).map(drop)
+    let result = tokio::try_join!(pump(&client, &upstream, up), pump(&upstream, &client, down)).map(drop);
+    if result.is_err() {
+        // An abort on one side must reach the other as an abort (RST), not as a clean FIN that
+        // would make a truncated, close-delimited response look complete.
+        let _ = client.set_zero_linger();
+        let _ = upstream.set_zero_linger();
+    }
+    result
 }
 
 async fn pump(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<()> {
@@ -107,6 +114,32 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         (c, l.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn an_upstream_reset_reaches_the_agent_as_a_reset() {
+        let (mut agent, proxy_client_side) = pair().await;
+        let (proxy_upstream_side, server) = pair().await;
+        let relay = tokio::spawn(async move {
+            let (mut up, mut down) = (0, 0);
+            relay(proxy_client_side, proxy_upstream_side, &mut up, &mut down).await
+        });
+        let mut server = server;
+        server.write_all(b"partial").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        server.set_zero_linger().unwrap();
+        drop(server); // RST
+        assert!(relay.await.unwrap().is_err());
+        let mut buf = Vec::new();
+        let err = loop {
+            let mut chunk = [0u8; 64];
+            match agent.read(&mut chunk).await {
+                Ok(0) => panic!("clean EOF after an upstream reset; got {buf:?}"),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ mod sys;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, Map, MapData},
-    programs::{CgroupAttachMode, Program, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSkbAttachType, Program, links::FdLink},
 };
 use gateway_common::{
     AF_INET, DnsResolver, MAP_CONFIG, MAP_DNS, MAP_ORIG_BY_ADDR, MAP_ORIG_BY_COOKIE, OrigDst,
@@ -35,7 +35,10 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ga
 /// Every program in the object, in attach order. The connect hooks go last so that when they
 /// start redirecting, the hooks that complete the picture (re-keying, getpeername, release) are
 /// already in place.
-const PROGRAMS: [&str; 8] = [
+const PROGRAMS: [&str; 11] = [
+    "backstop_egress",
+    "backstop_ingress",
+    "inet_sock_create",
     "forget_released",
     "rekey_established",
     "orig_getpeername4",
@@ -81,11 +84,24 @@ pub enum RedirectError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the pinned link {pin} is attached to another cgroup (or its cgroup was removed), not {cgroup}; \
+         run `chaperone daemon --uninstall`, then start the daemon again"
+    )]
+    AttachedElsewhere { pin: PathBuf, cgroup: PathBuf },
+    #[error("{cgroup} is not covered by `{program}`: interception is not in force there ({reason})")]
+    NotIntercepted {
+        program: &'static str,
+        cgroup: PathBuf,
+        reason: String,
+    },
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("reading this process's network namespace cookie (SO_NETNS_COOKIE, Linux 5.14+): {0}")]
+    Netns(std::io::Error),
     #[error("reading the original destination: {0}")]
     Lookup(std::io::Error),
 }
@@ -201,6 +217,7 @@ impl Redirect {
         for name in PROGRAMS {
             attach_or_adopt(&mut ebpf, name, &cg, cgroup, pin_dir)?;
         }
+        verify_attached(pin_dir, cgroup)?;
         let orig_by_addr = match ebpf.take_map(MAP_ORIG_BY_ADDR) {
             Some(Map::LruHashMap(data)) => data,
             _ => return Err(RedirectError::MissingMap(MAP_ORIG_BY_ADDR)),
@@ -224,11 +241,13 @@ impl Redirect {
 fn write_config(ebpf: &mut Ebpf, proxy: ProxyAddrs, dns: &[SocketAddr]) -> Result<(), RedirectError> {
     let map_err = |name| move |source| RedirectError::Map { name, source };
     let config = ProxyConfig {
+        netns_cookie: own_netns_cookie().map_err(RedirectError::Netns)?,
         enabled: 1,
         proxy_ip4: u32::from_ne_bytes(proxy.ipv4.octets()),
         proxy_ip6: addr_words(IpAddr::V6(proxy.ipv6)),
         proxy_port: proxy.port,
         _pad: 0,
+        _pad2: 0,
     };
     let mut cfg: aya::maps::Array<_, ProxyConfig> = ebpf
         .map_mut(MAP_CONFIG)
@@ -252,6 +271,25 @@ fn write_config(ebpf: &mut Ebpf, proxy: ProxyAddrs, dns: &[SocketAddr]) -> Resul
     Ok(())
 }
 
+/// The cookie of the network namespace this process (and so the proxy listener) lives in.
+fn own_netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 with its size.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
+}
+
 fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
     pin_dir.join(format!("link_{program}"))
 }
@@ -262,6 +300,7 @@ fn load(ebpf: &mut Ebpf, name: &'static str) -> Result<(), RedirectError> {
         Some(Program::CgroupSockAddr(p)) => p.load().map_err(err),
         Some(Program::SockOps(p)) => p.load().map_err(err),
         Some(Program::CgroupSock(p)) => p.load().map_err(err),
+        Some(Program::CgroupSkb(p)) => p.load().map_err(err),
         _ => Err(RedirectError::MissingProgram(name)),
     }
 }
@@ -284,12 +323,24 @@ fn attach_or_adopt(
     };
     // The three program types share no trait for attach/take_link; the steps are the same.
     macro_rules! attach {
-        ($p:expr) => {{
+        ($p:expr $(, $extra:expr)?) => {{
             if adopt {
                 let link = sys::obj_get(&pin).map_err(|source| RedirectError::Adopt {
                     path: pin.clone(),
                     source,
                 })?;
+                // Adopting a link that serves another tree (agent_cgroup changed, or the tree
+                // was removed and recreated) would leave this tree unguarded.
+                let info = sys::cgroup_link_info(link.as_fd()).map_err(|source| RedirectError::Adopt {
+                    path: pin.clone(),
+                    source,
+                })?;
+                if info.cgroup_id != cgroup_id(cg).map_err(io_err(cgroup))? {
+                    return Err(RedirectError::AttachedElsewhere {
+                        pin: pin.clone(),
+                        cgroup: cgroup.to_path_buf(),
+                    });
+                }
                 let prog_fd = $p.fd().map_err(program_err)?;
                 sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(|source| {
                     RedirectError::Adopt {
@@ -298,7 +349,7 @@ fn attach_or_adopt(
                     }
                 })
             } else {
-                let id = $p.attach(cg, CgroupAttachMode::Single).map_err(attach_err)?;
+                let id = $p.attach(cg, $($extra,)? CgroupAttachMode::Single).map_err(attach_err)?;
                 let link: FdLink = $p
                     .take_link(id)
                     .map_err(program_err)?
@@ -318,6 +369,14 @@ fn attach_or_adopt(
         Program::CgroupSockAddr(p) => attach!(p),
         Program::SockOps(p) => attach!(p),
         Program::CgroupSock(p) => attach!(p),
+        Program::CgroupSkb(p) => {
+            let direction = if name.ends_with("egress") {
+                CgroupSkbAttachType::Egress
+            } else {
+                CgroupSkbAttachType::Ingress
+            };
+            attach!(p, direction)
+        }
         _ => Err(RedirectError::MissingProgram(name)),
     }
 }
@@ -342,11 +401,38 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), RedirectError> {
     Ok(())
 }
 
-/// Whether every program's link is pinned under `pin_dir`: agents in the tree are intercepted
-/// (by a live daemon) or refused (daemon down). `chaperone run` refuses to start an agent
-/// otherwise.
+/// Whether every program's link is pinned under `pin_dir`.
 pub fn is_installed(pin_dir: &Path) -> bool {
     PROGRAMS.iter().all(|p| link_pin(pin_dir, p).exists())
+}
+
+/// The cgroup id of an open cgroup directory (its inode number on cgroup2).
+fn cgroup_id(dir: &File) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(dir.metadata()?.ino())
+}
+
+/// Check with the kernel that every pinned program is in effect on `cgroup` (attached there or
+/// inherited from an ancestor): agents in it are intercepted by a live daemon, or refused while
+/// it is down. Pins alone prove nothing: their cgroup may be another one, or gone.
+pub fn verify_attached(pin_dir: &Path, cgroup: &Path) -> Result<(), RedirectError> {
+    let cg = File::open(cgroup).map_err(io_err(cgroup))?;
+    for program in PROGRAMS {
+        let not = |reason: String| RedirectError::NotIntercepted {
+            program,
+            cgroup: cgroup.to_path_buf(),
+            reason,
+        };
+        let pin = link_pin(pin_dir, program);
+        let link = sys::obj_get(&pin).map_err(|e| not(format!("{}: {e}", pin.display())))?;
+        let info = sys::cgroup_link_info(link.as_fd()).map_err(|e| not(format!("link info: {e}")))?;
+        let effective = sys::effective_prog_ids(cg.as_fd(), info.attach_type)
+            .map_err(|e| not(format!("querying the cgroup: {e}")))?;
+        if !effective.contains(&info.prog_id) {
+            return Err(not(format!("program {} is not among {effective:?}", info.prog_id)));
+        }
+    }
+    Ok(())
 }
 
 /// Remove every pin: links detach, maps go when the last user closes them. Returns what was
@@ -373,7 +459,10 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<PathBuf>, RedirectError> {
 /// What is pinned and how full the connection maps are.
 #[derive(Debug, Serialize)]
 pub struct RedirectStatus {
+    /// Every program is in effect on the agent tree.
     pub installed: bool,
+    /// Why not, when pins exist but do not guard the tree.
+    pub problem: Option<String>,
     pub links: Vec<LinkStatus>,
     /// Entries in each connection-tracking map; `None` when the map is not pinned.
     pub orig_by_cookie_entries: Option<usize>,
@@ -386,9 +475,11 @@ pub struct LinkStatus {
     pub pinned: bool,
 }
 
-pub fn status(pin_dir: &Path) -> RedirectStatus {
+pub fn status(pin_dir: &Path, tree: &Path) -> RedirectStatus {
+    let verified = verify_attached(pin_dir, tree);
     RedirectStatus {
-        installed: is_installed(pin_dir),
+        installed: verified.is_ok(),
+        problem: verified.err().filter(|_| is_installed(pin_dir)).map(|e| e.to_string()),
         links: PROGRAMS
             .iter()
             .map(|p| LinkStatus {
