@@ -5,13 +5,14 @@
 #   - LLVM 22 (matches nightly rustc's LLVM) for bpf-linker; libclang for pg_query's bindgen
 #   - nightly rust-src (the eBPF crate is built with -Z build-std=core)
 #   - bpf-linker built against LLVM 22 (without LLVM_PREFIX it picks LLVM 14 and fails)
-#   - the clients the end-to-end tests run as agents: curl, python3
+#   - what the end-to-end tests run: curl, python3 (+ psycopg), PostgreSQL 15 server and clients
+#     (psql, pgbench), iproute2 for test network namespaces
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(llvm-22-dev libclang-dev curl python3 iproute2)
+APT_PACKAGES=(llvm-22-dev libclang-dev curl python3 iproute2 postgresql-15 postgresql-client-15 python3-psycopg)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -24,8 +24,6 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, error, info, info_span, warn};
 
-/// How long an upstream may take to accept before the session fails.
-const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long live sessions may run on after a shutdown signal before they are cut.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accept backlog: bursts of agent connections must not overflow into SYN drops.
@@ -39,6 +37,8 @@ pub enum AppError {
     Redirect(#[from] crate::redirect::RedirectError),
     #[error(transparent)]
     Record(#[from] crate::record::RecordError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretsError),
     #[error("binding the proxy listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -62,6 +62,7 @@ pub enum AppError {
 pub struct Inputs {
     pub config: Config,
     pub policy: Policy,
+    pub pg: crate::protocols::postgres::Shared,
     pub redirect: Redirect,
     pub agents: AgentResolver,
     pub sink: Arc<dyn RecordSink>,
@@ -97,6 +98,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     };
     let redirect = Redirect::install(&config.pin_dir, tree.root(), proxy, &config.dns_resolvers())?;
     let sink: Arc<dyn RecordSink> = Arc::new(JsonlSink::open(&config.sessions_log())?);
+    let secrets = match &config.secrets_file {
+        Some(path) => crate::secrets::Secrets::load(path)?,
+        None => Default::default(),
+    };
     let status = DaemonStatus {
         pid: std::process::id(),
         listen: [Some(&v4), v6.as_ref()]
@@ -121,7 +126,9 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let inputs = Arc::new(Inputs {
         policy: Policy {
             unlisted: config.unlisted,
+            grants: config.grants.clone(),
         },
+        pg: crate::protocols::postgres::Shared::new(secrets),
         redirect,
         agents: AgentResolver::new(tree),
         sink,
@@ -273,8 +280,7 @@ async fn accept_loop(
 /// Refuse a connection the agent already sees as established: a reset, so its next read or
 /// write fails at once instead of hanging.
 fn refuse(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
-    drop(stream);
+    crate::protocols::refuse(&stream);
 }
 
 async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
@@ -311,6 +317,7 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
         agent = agent.as_ref().and_then(|a| a.name.as_deref()).unwrap_or("-"),
     );
     let upstream_addr = SocketAddr::new(canonical_ip(original.addr.ip()), original.addr.port());
+    let agent_ref = agent.clone();
     let info = SessionInfo {
         id,
         agent,
@@ -330,20 +337,16 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
         if decision.verdict != Verdict::Allow {
             return refuse(client);
         }
-        let upstream =
-            match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(upstream_addr)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    rec.error = Some(format!("upstream {upstream_addr}: {e}"));
-                    return refuse(client);
-                }
-                Err(_) => {
-                    rec.error = Some(format!("upstream {upstream_addr}: no answer in {UPSTREAM_CONNECT_TIMEOUT:?}"));
-                    return refuse(client);
-                }
-            };
-        let _ = upstream.set_nodelay(true);
-        if let Err(e) = protocols::serve(kind, client, upstream, &mut rec).await {
+        let session = protocols::Session {
+            kind,
+            target: target.as_deref(),
+            upstream: upstream_addr,
+            agent: agent_ref.as_ref(),
+            policy: &inputs.policy,
+            pg: &inputs.pg,
+        };
+        if let Err(e) = protocols::serve(&session, client, &mut rec).await {
+            warn!(error = %e, "session ended with an error");
             rec.error = Some(e.to_string());
         }
     }

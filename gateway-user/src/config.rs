@@ -61,6 +61,8 @@ pub enum Unlisted {
 pub enum ProtocolKind {
     /// Opaque bytes; the verdict is taken once, at connect time.
     Tcp,
+    /// PostgreSQL wire protocol v3: every statement is classified and judged.
+    Postgres,
 }
 
 /// A destination the daemon knows by name.
@@ -72,6 +74,13 @@ pub struct Target {
     #[serde(deserialize_with = "addr_or_net")]
     pub address: IpNet,
     pub port: u16,
+    /// PostgreSQL: the name of the credential (in the secrets file) the daemon logs in with.
+    /// The agent never sees it.
+    #[serde(default)]
+    pub credential: Option<String>,
+    /// PostgreSQL: the database this target serves (absent: the one the agent asks for).
+    #[serde(default)]
+    pub database: Option<String>,
 }
 
 impl Target {
@@ -123,6 +132,12 @@ pub struct Config {
     pub dns: Dns,
     #[serde(default)]
     pub targets: Vec<Arc<Target>>,
+    /// Who may do what on which target (see `policy`). No grant: denied.
+    #[serde(default)]
+    pub grants: Vec<crate::policy::Grant>,
+    /// Root-only file with the upstream credentials targets name.
+    #[serde(default)]
+    pub secrets_file: Option<PathBuf>,
     /// Where this configuration came from, for messages.
     #[serde(skip)]
     pub source: String,
@@ -210,6 +225,20 @@ impl Config {
             }
             if t.port == 0 {
                 return Err(invalid(format!("target `{}`: port 0 is not a port", t.name)));
+            }
+            if t.protocol == ProtocolKind::Postgres && t.credential.is_none() {
+                return Err(invalid(format!(
+                    "target `{}`: a postgres target needs `credential` (a name in secrets_file)",
+                    t.name
+                )));
+            }
+        }
+        if self.targets.iter().any(|t| t.credential.is_some()) && self.secrets_file.is_none() {
+            return Err(invalid("targets name credentials but no secrets_file is set".into()));
+        }
+        for (i, g) in self.grants.iter().enumerate() {
+            if !names.contains(g.target.as_str()) {
+                return Err(invalid(format!("grants[{i}]: no target named `{}`", g.target)));
             }
         }
         if self.agent_cgroup.as_os_str().is_empty()

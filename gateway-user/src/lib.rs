@@ -21,3 +21,4 @@ pub mod policy;
 pub mod protocols;
 pub mod record;
 pub mod redirect;
+pub mod secrets;

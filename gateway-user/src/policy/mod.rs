@@ -1,13 +1,18 @@
 //! Policy decides; protocols describe. [`evaluate`] takes plain data (who, what) and returns a
 //! [`Verdict`], with no I/O, so every rule is a table-driven unit test.
 //!
-//! Today's rules are connection-level: a destination a target names is allowed; any other
-//! follows the configuration's `unlisted` setting. Statement-level rules (SQL classes, HTTP
-//! verbs) arrive with their protocols as new [`Action`] variants.
+//! Connection level: a destination a target names is allowed; any other follows the
+//! configuration's `unlisted` setting. Statement level (SQL): the [`Grant`]s of the agent's
+//! identity on the target; deny overrides review overrides allow; no covering grant: deny.
+
+mod grant;
+
+pub use grant::{Effect, Grant, SqlGrant, glob_match};
 
 use crate::{
     config::{Target, Unlisted},
     identity::AgentId,
+    protocols::postgres::classify::{Facts, SqlClass},
 };
 use std::net::SocketAddr;
 
@@ -25,6 +30,8 @@ pub enum Action<'a> {
         dst: SocketAddr,
         target: Option<&'a Target>,
     },
+    /// Run SQL with these facts on `target`.
+    Sql { target: &'a str, facts: &'a Facts },
 }
 
 /// A pending human approval (the approvals issue resolves these).
@@ -56,10 +63,24 @@ pub struct Decision {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub unlisted: Unlisted,
+    pub grants: Vec<Grant>,
 }
 
-pub fn evaluate(policy: &Policy, _subject: &Subject<'_>, action: &Action<'_>) -> Decision {
+impl Policy {
+    /// Whether every statement `identity` may run on `target` is read-only (no grant allows a
+    /// class beyond read, session and transaction): the upstream session then also gets
+    /// `default_transaction_read_only=on`, defence in depth under the SQL rules.
+    pub fn read_only(&self, identity: Option<&str>, target: &str) -> bool {
+        self.grants
+            .iter()
+            .filter(|g| g.effect != Effect::Deny && g.target == target && Some(g.identity.as_str()) == identity)
+            .all(|g| g.sql.classes.iter().all(|c| matches!(c, SqlClass::Read | SqlClass::Session | SqlClass::Transaction)))
+    }
+}
+
+pub fn evaluate(policy: &Policy, subject: &Subject<'_>, action: &Action<'_>) -> Decision {
     match action {
+        Action::Sql { target, facts } => evaluate_sql(policy, subject, target, facts),
         Action::Connect {
             target: Some(t), ..
         } => Decision {
@@ -81,6 +102,69 @@ pub fn evaluate(policy: &Policy, _subject: &Subject<'_>, action: &Action<'_>) ->
     }
 }
 
+fn evaluate_sql(policy: &Policy, subject: &Subject<'_>, target: &str, facts: &Facts) -> Decision {
+    let identity = subject.agent.and_then(|a| a.name.as_deref());
+    let applicable = policy
+        .grants
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.target == target && Some(g.identity.as_str()) == identity);
+    let (mut review, mut allow) = (None, None);
+    for (i, g) in applicable {
+        match g.effect {
+            Effect::Deny if deny_matches(&g.sql, facts) => {
+                let rule = g.label(i);
+                return Decision {
+                    verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
+                    rule,
+                };
+            }
+            Effect::Review if covers(&g.sql, facts) => review = review.or(Some(g.label(i))),
+            Effect::Allow if covers(&g.sql, facts) => allow = allow.or(Some(g.label(i))),
+            _ => {}
+        }
+    }
+    if let Some(rule) = review {
+        // Approvals are not built yet: a statement that needs one is refused, and says why.
+        let rule = format!("{rule}: requires approval, which is not available yet");
+        return Decision {
+            verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
+            rule,
+        };
+    }
+    if let Some(rule) = allow {
+        return Decision {
+            verdict: Verdict::Allow,
+            rule,
+        };
+    }
+    let rule = format!(
+        "no grant allows this {} statement for {} on {target}",
+        facts.worst().map_or("empty", SqlClass::as_str),
+        identity.unwrap_or("an unidentified agent")
+    );
+    Decision {
+        verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
+        rule,
+    }
+}
+
+/// An allow/review grant covers the facts when it lists every class, every relation matches one
+/// of its patterns (no patterns: any relation), and it lists every non-built-in function.
+fn covers(g: &SqlGrant, f: &Facts) -> bool {
+    f.classes.iter().all(|c| g.classes.contains(c))
+        && f.objects.iter().all(|o| g.objects.is_empty() || g.objects.iter().any(|p| glob_match(p, &o.name)))
+        && f.functions.iter().all(|fun| g.functions.contains(fun))
+}
+
+/// A deny grant matches when the facts have any of its classes (none listed: any) and touch any
+/// relation matching its patterns (none listed: regardless of relations).
+fn deny_matches(g: &SqlGrant, f: &Facts) -> bool {
+    let class_hit = g.classes.is_empty() || f.classes.iter().any(|c| g.classes.contains(c));
+    let object_hit = g.objects.is_empty() || f.objects.iter().any(|o| g.objects.iter().any(|p| glob_match(p, &o.name)));
+    class_hit && object_hit
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,6 +177,8 @@ mod tests {
             protocol: ProtocolKind::Tcp,
             address: "127.0.0.1/32".parse().unwrap(),
             port: 5432,
+            credential: None,
+            database: None,
         };
         let dst: SocketAddr = "127.0.0.1:5432".parse().unwrap();
         let subject = Subject { agent: None };
@@ -110,7 +196,7 @@ mod tests {
             ),
         ];
         for (unlisted, target, verdict, rule) in cases {
-            let d = evaluate(&Policy { unlisted }, &subject, &Action::Connect { dst, target });
+            let d = evaluate(&Policy { unlisted, grants: vec![] }, &subject, &Action::Connect { dst, target });
             assert_eq!(d.verdict, verdict, "{unlisted:?} {target:?}");
             assert_eq!(d.rule, rule);
         }

@@ -1,28 +1,83 @@
-//! Protocol dispatch: once a session is allowed and its upstream dialed, the target's protocol
-//! decides how bytes are carried. Today that is [`tcp`] (opaque relay); protocols that decode
-//! (PostgreSQL next) plug in here behind the phase seam sketched in docs/ARCHITECTURE.md.
+//! Protocol dispatch: once a session is allowed, the target's protocol decides how it is
+//! carried. [`tcp`] relays opaque bytes (verdict at connect time only); [`postgres`] decodes the
+//! wire protocol and has every statement judged. Protocols describe; `policy` decides.
 
+pub mod postgres;
 pub mod tcp;
 
-use crate::{config::ProtocolKind, record::SessionRecorder};
+use crate::{
+    config::{ProtocolKind, Target},
+    identity::AgentId,
+    policy::Policy,
+    record::SessionRecorder,
+};
+use std::{net::SocketAddr, time::Duration};
 use tokio::net::TcpStream;
 
-/// Carry an allowed session between the agent and its upstream until it ends, counting bytes
-/// into the recorder.
-pub async fn serve(
-    kind: ProtocolKind,
-    client: TcpStream,
-    upstream: TcpStream,
-    rec: &mut SessionRecorder,
-) -> std::io::Result<()> {
-    match kind {
-        ProtocolKind::Tcp => tcp::relay(client, upstream, &mut rec.bytes_up, &mut rec.bytes_down).await,
+/// How long an upstream may take to accept before the session fails.
+const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("upstream {addr}: {reason}")]
+    Dial { addr: SocketAddr, reason: String },
+    #[error("relay: {0}")]
+    Relay(#[from] std::io::Error),
+    #[error(transparent)]
+    Postgres(#[from] postgres::PgSessionError),
+}
+
+/// Everything a protocol needs about the session it carries.
+pub struct Session<'a> {
+    pub kind: ProtocolKind,
+    pub target: Option<&'a Target>,
+    pub upstream: SocketAddr,
+    pub agent: Option<&'a AgentId>,
+    pub policy: &'a Policy,
+    pub pg: &'a postgres::Shared,
+}
+
+/// Carry an allowed session until it ends, counting into the recorder.
+pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder) -> Result<(), ProtocolError> {
+    match (s.kind, s.target) {
+        (ProtocolKind::Postgres, Some(target)) => {
+            let pg = postgres::Session {
+                target,
+                upstream: s.upstream,
+                agent: s.agent,
+                policy: s.policy,
+                shared: s.pg,
+            };
+            Ok(postgres::serve(&pg, client, rec).await?)
+        }
+        _ => {
+            let upstream = dial(s.upstream).await.inspect_err(|_| refuse(&client))?;
+            Ok(tcp::relay(client, upstream, &mut rec.bytes_up, &mut rec.bytes_down).await?)
+        }
     }
+}
+
+async fn dial(addr: SocketAddr) -> Result<TcpStream, ProtocolError> {
+    let reason = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            return Ok(s);
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer in {UPSTREAM_CONNECT_TIMEOUT:?}"),
+    };
+    Err(ProtocolError::Dial { addr, reason })
+}
+
+/// Make the agent's already-established connection fail at once (a reset) when it is dropped.
+pub fn refuse(stream: &TcpStream) {
+    let _ = stream.set_zero_linger();
 }
 
 /// Protocol name as recorded.
 pub fn name(kind: ProtocolKind) -> &'static str {
     match kind {
         ProtocolKind::Tcp => "tcp",
+        ProtocolKind::Postgres => "postgres",
     }
 }

@@ -104,6 +104,11 @@ pub enum SessionEvent {
         bytes_up: u64,
         /// Bytes from upstream to agent.
         bytes_down: u64,
+        /// Statements judged (protocols that decode statements; 0 for raw TCP).
+        #[serde(default)]
+        statements_allowed: u64,
+        #[serde(default)]
+        statements_denied: u64,
         error: Option<String>,
     },
 }
@@ -159,6 +164,8 @@ pub struct SessionRecorder {
     info: SessionInfo,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    pub statements_allowed: u64,
+    pub statements_denied: u64,
     pub error: Option<String>,
 }
 
@@ -181,6 +188,8 @@ impl SessionRecorder {
             info,
             bytes_up: 0,
             bytes_down: 0,
+            statements_allowed: 0,
+            statements_denied: 0,
             error: None,
         }
     }
@@ -191,6 +200,8 @@ impl Drop for SessionRecorder {
         tracing::info!(
             bytes_up = self.bytes_up,
             bytes_down = self.bytes_down,
+            statements_allowed = self.statements_allowed,
+            statements_denied = self.statements_denied,
             error = self.error.as_deref().unwrap_or(""),
             "session end"
         );
@@ -199,6 +210,8 @@ impl Drop for SessionRecorder {
             ended_at_ms: now_ms(),
             bytes_up: self.bytes_up,
             bytes_down: self.bytes_down,
+            statements_allowed: self.statements_allowed,
+            statements_denied: self.statements_denied,
             error: self.error.take(),
         });
     }

@@ -1,0 +1,717 @@
+//! SQL → facts, on PostgreSQL's own grammar (pg_query wraps the server's parser, so what we
+//! classify is what the server will execute: no parser differential).
+//!
+//! Every statement of a query string is walked completely: the typed parse tree is serialized
+//! to a generic tree and every node is visited, so a function call or a data-modifying CTE hidden
+//! in a LIMIT clause, a VALUES list or a window definition is seen like any other. Each statement
+//! contributes [`SqlClass`]es, the objects it touches (schema-qualified, with their access), and
+//! the functions it calls that are not known-safe built-ins.
+//!
+//! Conservative by construction: a statement type we do not know is `unknown`; a function we do
+//! not know is `exec`; `DO` bodies are parsed as PL/pgSQL and dynamic `EXECUTE` is `unknown`.
+//! Unqualified relation names resolve as the default `search_path` would (`pg_catalog` for
+//! `pg_*` names, else `public`); changing `search_path` is itself `admin`.
+//!
+//! This module describes; it decides nothing (see `policy::sql`).
+
+use pg_query::ParserOptions;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::BTreeSet;
+
+/// What kind of thing a statement (or part of one) does, from least to most dangerous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqlClass {
+    /// Reads data or metadata.
+    Read,
+    /// Sets a harmless session parameter (application_name, timeouts, output formats) or manages
+    /// prepared statements.
+    Session,
+    /// BEGIN/COMMIT/ROLLBACK/SAVEPOINT (not read-write toggles).
+    Transaction,
+    /// Changes data, takes locks, or sends notifications.
+    Write,
+    /// Changes schema.
+    Ddl,
+    /// Changes privileges or roles.
+    Dcl,
+    /// Runs code: non-built-in functions, procedures, DO blocks.
+    Exec,
+    /// Changes the server or the session's security context: SET ROLE, search_path, read-write
+    /// toggles, ALTER SYSTEM, LOAD, extensions, COPY to/from files or programs, LISTEN, DISCARD.
+    Admin,
+    /// Could not be classified (dynamic SQL, an unknown statement type, an unparsable body).
+    Unknown,
+}
+
+impl SqlClass {
+    pub const ALL: [SqlClass; 9] = [
+        Self::Read,
+        Self::Session,
+        Self::Transaction,
+        Self::Write,
+        Self::Ddl,
+        Self::Dcl,
+        Self::Exec,
+        Self::Admin,
+        Self::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Session => "session",
+            Self::Transaction => "transaction",
+            Self::Write => "write",
+            Self::Ddl => "ddl",
+            Self::Dcl => "dcl",
+            Self::Exec => "exec",
+            Self::Admin => "admin",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// A relation touched, schema-qualified, with how.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ObjectRef {
+    pub name: String,
+    pub access: SqlClass,
+}
+
+/// What a query string does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Facts {
+    pub classes: BTreeSet<SqlClass>,
+    pub objects: BTreeSet<ObjectRef>,
+    /// Functions called that are not known-safe built-ins (each also makes the class `exec`).
+    pub functions: BTreeSet<String>,
+    /// Why something is `unknown` or `admin`, for the error message and the record.
+    pub notes: Vec<String>,
+}
+
+impl Facts {
+    pub fn merge(&mut self, other: &Facts) {
+        self.classes.extend(other.classes.iter().copied());
+        self.objects.extend(other.objects.iter().cloned());
+        self.functions.extend(other.functions.iter().cloned());
+        self.notes.extend(other.notes.iter().cloned());
+    }
+
+    /// The most dangerous class, for messages.
+    pub fn worst(&self) -> Option<SqlClass> {
+        self.classes.iter().next_back().copied()
+    }
+
+    fn class(&mut self, c: SqlClass, note: impl FnOnce() -> String) {
+        if matches!(c, SqlClass::Admin | SqlClass::Unknown) {
+            self.notes.push(note());
+        }
+        self.classes.insert(c);
+    }
+}
+
+/// A query string's facts plus what it does to the session's prepared statements.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Classified {
+    pub facts: Facts,
+    /// `PREPARE name AS …`: the facts of the prepared statement, judged at `EXECUTE`.
+    pub prepares: Vec<(String, Facts)>,
+    /// `EXECUTE name`: the session merges the prepared statement's facts.
+    pub executes: Vec<String>,
+    /// `DEALLOCATE name` (None: ALL).
+    pub deallocates: Vec<Option<String>>,
+    /// The classification read the contents of a string constant (a `DO` body, a function
+    /// body): a statement with the same shape but other constants may differ, so it must not be
+    /// cached by normalized text.
+    #[serde(skip)]
+    pub depends_on_constants: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifyError {
+    #[error("statement does not parse: {0}")]
+    Parse(String),
+}
+
+/// Classify one query string (possibly several statements).
+pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
+    classify_with(sql, ParserOptions::DEFAULT)
+}
+
+fn classify_with(sql: &str, opts: ParserOptions) -> Result<Classified, ClassifyError> {
+    let parsed = pg_query::parse(sql, opts).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+    let mut w = Walker::default();
+    for raw in &parsed.protobuf.stmts {
+        // The typed tree serializes losslessly; walking it generically visits every node.
+        let tree = serde_json::to_value(raw).map_err(|e| ClassifyError::Parse(e.to_string()))?;
+        w.value(&tree, Ctx::top());
+    }
+    Ok(w.out)
+}
+
+/// Where in the tree the walker is.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    /// Access given to relations met here.
+    access: SqlClass,
+    /// `EXPLAIN` without `ANALYZE`: statements are planned, not run.
+    explain_only: bool,
+    /// CTE names in scope (unqualified references to them are not relations).
+    ctes: &'a CteScope<'a>,
+}
+
+struct CteScope<'a> {
+    names: Vec<String>,
+    parent: Option<&'a CteScope<'a>>,
+}
+
+static NO_CTES: CteScope<'static> = CteScope {
+    names: Vec::new(),
+    parent: None,
+};
+
+impl CteScope<'_> {
+    fn contains(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name) || self.parent.is_some_and(|p| p.contains(name))
+    }
+}
+
+impl<'a> Ctx<'a> {
+    fn top() -> Self {
+        Ctx {
+            access: SqlClass::Read,
+            explain_only: false,
+            ctes: &NO_CTES,
+        }
+    }
+    fn with_access(self, access: SqlClass) -> Self {
+        Ctx { access, ..self }
+    }
+}
+
+#[derive(Default)]
+struct Walker {
+    out: Classified,
+}
+
+impl Walker {
+    fn value(&mut self, v: &Value, ctx: Ctx<'_>) {
+        match v {
+            Value::Array(items) => items.iter().for_each(|i| self.value(i, ctx)),
+            Value::Object(obj) => self.object(obj, ctx),
+            _ => {}
+        }
+    }
+
+    fn object(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        if obj.contains_key("relname") && obj.contains_key("relpersistence") {
+            return self.range_var(obj, ctx);
+        }
+        for (key, child) in obj {
+            // Node variants are PascalCase keys; fields are snake_case.
+            if key.starts_with(|c: char| c.is_ascii_uppercase()) {
+                self.node(key, child, ctx);
+            } else {
+                self.value(child, ctx);
+            }
+        }
+    }
+
+    fn node(&mut self, kind: &str, body: &Value, ctx: Ctx<'_>) {
+        let Some(obj) = body.as_object() else {
+            return;
+        };
+        match kind {
+            "FuncCall" => self.func_call(obj, ctx),
+            "SelectStmt" => self.select(obj, ctx),
+            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => self.dml(obj, ctx),
+            k if k.ends_with("Stmt") => self.utility(k, obj, ctx),
+            // Everything else (expressions, clauses, lists) is walked for what it contains.
+            _ => self.object(obj, ctx),
+        }
+    }
+
+    fn stmt_class(&mut self, c: SqlClass, ctx: Ctx<'_>, note: impl FnOnce() -> String) {
+        // Under plain EXPLAIN nothing runs: the statement is a read of its plan. Function calls
+        // still count (the planner may evaluate them).
+        let c = if ctx.explain_only && c != SqlClass::Unknown { SqlClass::Read } else { c };
+        self.out.facts.class(c, note);
+    }
+
+    fn with_ctes<R>(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>, f: impl FnOnce(&mut Self, Ctx<'_>) -> R) -> R {
+        let names: Vec<String> = obj
+            .get("with_clause")
+            .and_then(|w| w.get("ctes"))
+            .and_then(Value::as_array)
+            .map(|ctes| {
+                ctes.iter()
+                    .filter_map(|c| c.pointer("/node/CommonTableExpr/ctename")?.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let scope = CteScope {
+            names,
+            parent: Some(ctx.ctes),
+        };
+        f(self, Ctx { ctes: &scope, ..ctx })
+    }
+
+    fn select(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        self.stmt_class(SqlClass::Read, ctx, String::new);
+        if obj.get("locking_clause").and_then(Value::as_array).is_some_and(|l| !l.is_empty()) {
+            self.stmt_class(SqlClass::Write, ctx, String::new); // FOR UPDATE/SHARE takes row locks
+        }
+        let into = obj.get("into_clause").filter(|v| !v.is_null());
+        if into.is_some() {
+            self.stmt_class(SqlClass::Ddl, ctx, String::new); // SELECT INTO creates a table
+        }
+        self.with_ctes(obj, ctx.with_access(SqlClass::Read), |w, ctx| {
+            for (field, child) in obj {
+                let access = if field == "into_clause" { SqlClass::Ddl } else { SqlClass::Read };
+                w.value(child, ctx.with_access(access));
+            }
+        });
+    }
+
+    fn dml(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        self.stmt_class(SqlClass::Write, ctx, String::new);
+        self.with_ctes(obj, ctx, |w, ctx| {
+            for (field, child) in obj {
+                let access = if field == "relation" { SqlClass::Write } else { SqlClass::Read };
+                w.value(child, ctx.with_access(access));
+            }
+        });
+    }
+
+    fn utility(&mut self, kind: &str, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        let class = match kind {
+            "RawStmt" => return self.object(obj, ctx),
+            "VariableShowStmt" | "FetchStmt" | "ClosePortalStmt" | "DeclareCursorStmt" => SqlClass::Read,
+            "VariableSetStmt" => variable_set_class(obj),
+            "TransactionStmt" => transaction_class(obj),
+            "ConstraintsSetStmt" => SqlClass::Transaction,
+            "TruncateStmt" | "LockStmt" | "NotifyStmt" | "RefreshMatViewStmt" => SqlClass::Write,
+            "CopyStmt" => return self.copy(obj, ctx),
+            "ExplainStmt" => return self.explain(obj, ctx),
+            "PrepareStmt" => return self.prepare(obj, ctx),
+            "ExecuteStmt" => {
+                if let Some(name) = obj.get("name").and_then(Value::as_str) {
+                    self.out.executes.push(name.to_owned());
+                }
+                SqlClass::Session
+            }
+            "DeallocateStmt" => {
+                let all = obj.get("isall").and_then(Value::as_bool).unwrap_or(false);
+                let name = obj.get("name").and_then(Value::as_str).filter(|n| !n.is_empty() && !all);
+                self.out.deallocates.push(name.map(str::to_owned));
+                SqlClass::Session
+            }
+            "DoStmt" => return self.do_block(obj, ctx),
+            "CallStmt" => SqlClass::Exec,
+            "GrantStmt" | "GrantRoleStmt" | "AlterDefaultPrivilegesStmt" | "CreateRoleStmt" | "AlterRoleStmt"
+            | "AlterRoleSetStmt" | "DropRoleStmt" | "ReassignOwnedStmt" | "DropOwnedStmt" | "AlterOwnerStmt"
+            | "CreatePolicyStmt" | "AlterPolicyStmt" => SqlClass::Dcl,
+            "AlterSystemStmt" | "LoadStmt" | "CreateExtensionStmt" | "AlterExtensionStmt"
+            | "AlterExtensionContentsStmt" | "VacuumStmt" | "ClusterStmt" | "ReindexStmt" | "CheckPointStmt"
+            | "CreatedbStmt" | "DropdbStmt" | "AlterDatabaseStmt" | "AlterDatabaseSetStmt"
+            | "AlterDatabaseRefreshCollStmt" | "CreateTableSpaceStmt" | "DropTableSpaceStmt"
+            | "AlterTableSpaceOptionsStmt" | "AlterTableMoveAllStmt" | "CreateSubscriptionStmt"
+            | "AlterSubscriptionStmt" | "DropSubscriptionStmt" | "CreatePublicationStmt" | "AlterPublicationStmt"
+            | "CreateEventTrigStmt" | "AlterEventTrigStmt" | "CreateFdwStmt" | "AlterFdwStmt"
+            | "CreateForeignServerStmt" | "AlterForeignServerStmt" | "CreateUserMappingStmt"
+            | "AlterUserMappingStmt" | "DropUserMappingStmt" | "ImportForeignSchemaStmt" | "CreatePlangStmt"
+            | "CreateTransformStmt" | "SecLabelStmt" | "DiscardStmt" | "ListenStmt" | "UnlistenStmt"
+            | "AlterCollationStmt" | "CreateAmStmt" => SqlClass::Admin,
+            "CreateStmt" | "AlterTableStmt" | "DropStmt" | "CommentStmt" | "RenameStmt" | "IndexStmt" | "ViewStmt"
+            | "RuleStmt" | "DefineStmt" | "CreateTableAsStmt" | "CreateSeqStmt" | "AlterSeqStmt"
+            | "CreateDomainStmt" | "AlterDomainStmt" | "CreateFunctionStmt" | "AlterFunctionStmt"
+            | "CreateTrigStmt" | "CreateSchemaStmt" | "CreateConversionStmt" | "CreateCastStmt"
+            | "CreateOpClassStmt" | "CreateOpFamilyStmt" | "AlterOpFamilyStmt" | "CreateEnumStmt"
+            | "CreateRangeStmt" | "AlterEnumStmt" | "CompositeTypeStmt" | "CreateStatsStmt" | "AlterStatsStmt"
+            | "AlterObjectSchemaStmt" | "AlterObjectDependsStmt" | "AlterTsdictionaryStmt"
+            | "AlterTsconfigurationStmt" | "AlterOperatorStmt" | "AlterTypeStmt" | "CreateForeignTableStmt"
+            | "AlterTableCmd" => SqlClass::Ddl,
+            other => {
+                self.out.facts.class(SqlClass::Unknown, || format!("statement type {other} is not classified"));
+                return self.object(obj, ctx);
+            }
+        };
+        let note = || match class {
+            SqlClass::Admin => format!("{} changes server or session state", describe(kind, obj)),
+            _ => String::new(),
+        };
+        self.stmt_class(class, ctx, note);
+        if kind == "DropStmt" {
+            self.dropped_objects(obj);
+        }
+        if kind == "CreateFunctionStmt" {
+            // The body is a string constant: same shape, other body, other meaning.
+            self.out.depends_on_constants = true;
+        }
+        // Relations named directly by the statement get its class; queries inside are reads.
+        let access = match class {
+            SqlClass::Read | SqlClass::Session | SqlClass::Transaction => SqlClass::Read,
+            c => c,
+        };
+        self.object(obj, ctx.with_access(access));
+    }
+
+    fn copy(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        let is_from = obj.get("is_from").and_then(Value::as_bool).unwrap_or(false);
+        let program = obj.get("is_program").and_then(Value::as_bool).unwrap_or(false);
+        let file = obj.get("filename").and_then(Value::as_str).is_some_and(|f| !f.is_empty());
+        if program || file {
+            let what = if program { "a program" } else { "a server file" };
+            self.stmt_class(SqlClass::Admin, ctx, || format!("COPY {} {what}", if is_from { "from" } else { "to" }));
+        }
+        let class = if is_from { SqlClass::Write } else { SqlClass::Read };
+        self.stmt_class(class, ctx, String::new);
+        for (field, child) in obj {
+            let access = if field == "relation" { class } else { SqlClass::Read };
+            self.value(child, ctx.with_access(access));
+        }
+    }
+
+    fn explain(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        let analyze = obj.get("options").and_then(Value::as_array).is_some_and(|opts| {
+            opts.iter().any(|o| {
+                o.pointer("/node/DefElem/defname").and_then(Value::as_str) == Some("analyze")
+                    && !def_elem_is_false(o.pointer("/node/DefElem/arg"))
+            })
+        });
+        self.stmt_class(SqlClass::Read, ctx, String::new);
+        let inner = Ctx {
+            explain_only: ctx.explain_only || !analyze,
+            ..ctx
+        };
+        self.object(obj, inner);
+    }
+
+    fn prepare(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        self.stmt_class(SqlClass::Session, ctx, String::new);
+        let mut inner = Walker::default();
+        if let Some(q) = obj.get("query") {
+            inner.value(q, Ctx::top());
+        }
+        self.out.depends_on_constants |= inner.out.depends_on_constants;
+        if let Some(name) = obj.get("name").and_then(Value::as_str) {
+            self.out.prepares.push((name.to_owned(), inner.out.facts));
+        }
+    }
+
+    fn do_block(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        self.out.depends_on_constants = true;
+        self.stmt_class(SqlClass::Exec, ctx, String::new);
+        let mut body = None;
+        let mut language = "plpgsql".to_string();
+        for arg in obj.get("args").and_then(Value::as_array).into_iter().flatten() {
+            let name = arg.pointer("/node/DefElem/defname").and_then(Value::as_str);
+            let val = arg.pointer("/node/DefElem/arg/node/String/sval").and_then(Value::as_str);
+            match (name, val) {
+                (Some("as"), Some(v)) => body = Some(v.to_owned()),
+                (Some("language"), Some(v)) => language = v.to_ascii_lowercase(),
+                _ => {}
+            }
+        }
+        if language != "plpgsql" {
+            return self.out.facts.class(SqlClass::Unknown, || format!("DO block in language {language}"));
+        }
+        let Some(body) = body else {
+            return self.out.facts.class(SqlClass::Unknown, || "DO block without a body".into());
+        };
+        self.plpgsql_body(&body, ctx);
+    }
+
+    /// Parse a PL/pgSQL body and classify every SQL statement and expression in it.
+    fn plpgsql_body(&mut self, body: &str, ctx: Ctx<'_>) {
+        let mut tag = String::from("$chaperone$");
+        let mut n = 0;
+        while body.contains(&tag) {
+            n += 1;
+            tag = format!("$chaperone{n}$");
+        }
+        let wrapper = format!("CREATE FUNCTION chaperone_do() RETURNS void LANGUAGE plpgsql AS {tag}{body}{tag}");
+        match pg_query::parse_plpgsql(&wrapper) {
+            Ok(tree) => self.plpgsql_tree(&tree, ctx),
+            Err(e) => self.out.facts.class(SqlClass::Unknown, || format!("PL/pgSQL body does not parse: {e}")),
+        }
+    }
+
+    fn plpgsql_tree(&mut self, v: &Value, ctx: Ctx<'_>) {
+        match v {
+            Value::Array(items) => items.iter().for_each(|i| self.plpgsql_tree(i, ctx)),
+            Value::Object(obj) => {
+                for (key, child) in obj {
+                    match key.as_str() {
+                        "PLpgSQL_stmt_dynexecute" | "PLpgSQL_stmt_dynfors" => {
+                            self.out.facts.class(SqlClass::Unknown, || "dynamic SQL (EXECUTE) in a PL/pgSQL block".into());
+                        }
+                        "dynquery" => {
+                            self.out.facts.class(SqlClass::Unknown, || "dynamic cursor query in a PL/pgSQL block".into());
+                        }
+                        "PLpgSQL_expr" => self.plpgsql_expr(child, ctx),
+                        _ => self.plpgsql_tree(child, ctx),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn plpgsql_expr(&mut self, expr: &Value, ctx: Ctx<'_>) {
+        let Some(query) = expr.get("query").and_then(Value::as_str) else {
+            return;
+        };
+        let mode = expr.get("parseMode").and_then(Value::as_i64).unwrap_or(0) as i32;
+        match classify_with(query, ParserOptions::from(mode)) {
+            Ok(inner) => {
+                let mut facts = inner.facts;
+                if ctx.explain_only {
+                    facts.classes = facts.classes.into_iter().map(|c| if c == SqlClass::Unknown { c } else { SqlClass::Read }).collect();
+                }
+                self.out.facts.merge(&facts);
+                if !inner.executes.is_empty() || !inner.prepares.is_empty() {
+                    self.out.facts.class(SqlClass::Unknown, || "PREPARE/EXECUTE inside a PL/pgSQL block".into());
+                }
+            }
+            Err(e) => self.out.facts.class(SqlClass::Unknown, || format!("PL/pgSQL expression `{query}`: {e}")),
+        }
+    }
+
+    fn range_var(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        let s = |k: &str| obj.get(k).and_then(Value::as_str).unwrap_or("");
+        let (schema, rel) = (s("schemaname"), s("relname"));
+        if schema.is_empty() && ctx.ctes.contains(rel) {
+            return;
+        }
+        let access = if ctx.explain_only { SqlClass::Read } else { ctx.access };
+        self.out.facts.objects.insert(ObjectRef {
+            name: qualify(schema, rel),
+            access,
+        });
+        // An alias or anything else nested in a RangeVar holds no relations or calls.
+    }
+
+    fn dropped_objects(&mut self, obj: &Map<String, Value>) {
+        for o in obj.get("objects").and_then(Value::as_array).into_iter().flatten() {
+            let Some(items) = o.pointer("/node/List/items").and_then(Value::as_array) else {
+                continue;
+            };
+            let parts: Vec<&str> = items.iter().filter_map(|i| i.pointer("/node/String/sval")?.as_str()).collect();
+            let name = match parts.as_slice() {
+                [rel] => qualify("", rel),
+                [schema, rel] => qualify(schema, rel),
+                _ => parts.join("."),
+            };
+            self.out.facts.objects.insert(ObjectRef {
+                name,
+                access: SqlClass::Ddl,
+            });
+        }
+    }
+
+    fn func_call(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        let parts: Vec<&str> = obj
+            .get("funcname")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.pointer("/node/String/sval")?.as_str())
+            .collect();
+        let (schema, name) = match parts.as_slice() {
+            [name] => ("", *name),
+            [schema, name] => (*schema, *name),
+            _ => ("?", "?"),
+        };
+        let builtin = schema.is_empty() || schema == "pg_catalog";
+        if builtin && name == "set_config" {
+            self.out.facts.class(SqlClass::Admin, || "set_config() changes session settings".into());
+        } else if !(builtin && SAFE_FUNCTIONS.binary_search(&name).is_ok()) {
+            let full = if schema.is_empty() { name.to_owned() } else { format!("{schema}.{name}") };
+            self.out.facts.classes.insert(SqlClass::Exec);
+            self.out.facts.functions.insert(full);
+        }
+        // Arguments, FILTER, OVER, ORDER BY inside the call are walked like anything else.
+        self.object(obj, ctx);
+    }
+}
+
+fn qualify(schema: &str, rel: &str) -> String {
+    if !schema.is_empty() {
+        format!("{schema}.{rel}")
+    } else if rel.starts_with("pg_") {
+        // pg_catalog is searched first, implicitly.
+        format!("pg_catalog.{rel}")
+    } else {
+        format!("public.{rel}")
+    }
+}
+
+fn describe(kind: &str, obj: &Map<String, Value>) -> String {
+    match obj.get("name").and_then(Value::as_str) {
+        Some(n) if !n.is_empty() => format!("{kind} `{n}`"),
+        _ => kind.to_string(),
+    }
+}
+
+/// A `DefElem` argument that says false/off/0 (absent means true).
+fn def_elem_is_false(arg: Option<&Value>) -> bool {
+    let Some(arg) = arg else { return false };
+    let ival = arg.pointer("/node/AConst/val/Ival/ival").and_then(Value::as_i64);
+    let bval = arg.pointer("/node/AConst/val/Boolval/boolval").and_then(Value::as_bool);
+    let sval = arg
+        .pointer("/node/String/sval")
+        .or_else(|| arg.pointer("/node/AConst/val/Sval/sval"))
+        .and_then(Value::as_str);
+    ival == Some(0) || bval == Some(false) || matches!(sval, Some("false" | "off" | "0" | "no"))
+}
+
+/// `SET`/`RESET`: harmless parameters are `session`; read-write toggles, role and
+/// authorization changes, search_path, string-parsing modes and everything unknown are `admin`.
+fn variable_set_class(obj: &Map<String, Value>) -> SqlClass {
+    let name = obj.get("name").and_then(Value::as_str).unwrap_or("").to_ascii_lowercase();
+    match name.as_str() {
+        // RESET ALL resets default_transaction_read_only too.
+        "" => SqlClass::Admin,
+        "transaction" | "session characteristics" => {
+            let read_write = obj.get("args").and_then(Value::as_array).is_some_and(|args| {
+                args.iter().any(|a| {
+                    a.pointer("/node/DefElem/defname").and_then(Value::as_str) == Some("transaction_read_only")
+                        && def_elem_is_false(a.pointer("/node/DefElem/arg"))
+                })
+            });
+            if read_write { SqlClass::Admin } else { SqlClass::Transaction }
+        }
+        n if SAFE_SETTINGS.contains(&n) => SqlClass::Session,
+        _ => SqlClass::Admin,
+    }
+}
+
+fn transaction_class(obj: &Map<String, Value>) -> SqlClass {
+    let gid = obj.get("gid").and_then(Value::as_str).is_some_and(|g| !g.is_empty());
+    let read_write = obj.get("options").and_then(Value::as_array).is_some_and(|opts| {
+        opts.iter().any(|o| {
+            o.pointer("/node/DefElem/defname").and_then(Value::as_str) == Some("transaction_read_only")
+                && def_elem_is_false(o.pointer("/node/DefElem/arg"))
+        })
+    });
+    // PREPARE TRANSACTION / COMMIT PREPARED outlive the session; READ WRITE lifts read-only.
+    if gid || read_write { SqlClass::Admin } else { SqlClass::Transaction }
+}
+
+/// Session parameters an agent may set: output formats, timeouts, names. Not here on purpose:
+/// role, session_authorization, search_path, default_transaction_read_only,
+/// transaction_read_only, standard_conforming_strings and backslash_quote (they change how
+/// strings parse: a parser differential), row_security, and anything not listed.
+const SAFE_SETTINGS: &[&str] = &[
+    "application_name",
+    "bytea_output",
+    "client_encoding",
+    "client_min_messages",
+    "datestyle",
+    "extra_float_digits",
+    "idle_in_transaction_session_timeout",
+    "idle_session_timeout",
+    "intervalstyle",
+    "lock_timeout",
+    "statement_timeout",
+    "timezone",
+];
+
+/// Built-in functions that only compute: no writes, no side effects, no file or network access,
+/// no dynamic SQL. Sorted (binary search). Anything else is `exec`.
+const SAFE_FUNCTIONS: &[&str] = &[
+    "abs", "age", "array_agg", "array_append", "array_cat", "array_dims", "array_length", "array_lower",
+    "array_position", "array_positions", "array_prepend", "array_remove", "array_replace", "array_to_json",
+    "array_to_string", "array_upper", "ascii", "avg", "bit_length", "bool_and", "bool_or", "btrim", "cardinality",
+    "cbrt", "ceil", "ceiling", "char_length", "character_length", "chr", "clock_timestamp", "coalesce", "col_description",
+    "concat", "concat_ws", "corr", "count", "covar_pop", "covar_samp", "cume_dist", "current_database", "current_schema",
+    "current_schemas", "current_setting", "date_bin", "date_part", "date_trunc", "degrees", "dense_rank", "div", "encode",
+    "every", "exp", "extract", "first_value", "floor", "format", "format_type", "gcd", "generate_series",
+    "generate_subscripts", "greatest", "has_column_privilege", "has_database_privilege", "has_function_privilege",
+    "has_schema_privilege", "has_sequence_privilege", "has_table_privilege", "initcap", "isfinite", "json_agg",
+    "json_array_elements", "json_array_elements_text", "json_array_length", "json_build_array", "json_build_object",
+    "json_each", "json_each_text", "json_extract_path", "json_extract_path_text", "json_object", "json_object_agg",
+    "json_object_keys", "json_typeof", "jsonb_agg", "jsonb_array_elements", "jsonb_array_elements_text",
+    "jsonb_array_length", "jsonb_build_array", "jsonb_build_object", "jsonb_each", "jsonb_each_text",
+    "jsonb_extract_path", "jsonb_extract_path_text", "jsonb_object_agg", "jsonb_object_keys", "jsonb_path_exists",
+    "jsonb_path_query", "jsonb_pretty", "jsonb_set", "jsonb_strip_nulls", "jsonb_typeof", "justify_days",
+    "justify_hours", "justify_interval", "lag", "last_value", "lcm", "lead", "least", "left", "length", "ln", "log",
+    "log10", "lower", "lpad", "ltrim", "make_date", "make_interval", "make_time", "make_timestamp", "make_timestamptz",
+    "max", "md5", "min", "mod", "mode", "now", "nth_value", "ntile", "nullif", "num_nonnulls", "num_nulls",
+    "obj_description", "octet_length", "overlay", "percent_rank", "percentile_cont", "percentile_disc",
+    "pg_backend_pid", "pg_collation_is_visible", "pg_column_size", "pg_conversion_is_visible", "pg_database_size",
+    "pg_encoding_to_char", "pg_function_is_visible", "pg_get_constraintdef", "pg_get_expr", "pg_get_function_arguments",
+    "pg_get_function_identity_arguments", "pg_get_function_result", "pg_get_indexdef", "pg_get_partition_constraintdef",
+    "pg_get_partkeydef", "pg_get_ruledef", "pg_get_serial_sequence", "pg_get_statisticsobjdef_columns",
+    "pg_get_triggerdef", "pg_get_userbyid", "pg_get_viewdef", "pg_has_role", "pg_indexes_size",
+    "pg_opclass_is_visible", "pg_operator_is_visible", "pg_opfamily_is_visible", "pg_postmaster_start_time",
+    "pg_relation_is_publishable",
+    "pg_relation_size", "pg_size_pretty", "pg_table_is_visible", "pg_table_size", "pg_tablespace_location", "pg_total_relation_size",
+    "pg_ts_config_is_visible", "pg_ts_dict_is_visible", "pg_ts_parser_is_visible", "pg_ts_template_is_visible",
+    "pg_type_is_visible", "pi", "position", "power", "quote_ident", "quote_literal", "quote_nullable", "radians",
+    "random", "rank", "regexp_count", "regexp_instr", "regexp_like", "regexp_match", "regexp_matches",
+    "regexp_replace", "regexp_split_to_array", "regexp_split_to_table", "repeat", "replace", "reverse", "right",
+    "round", "row_number", "row_to_json", "rpad", "rtrim", "sign", "split_part", "sqrt", "starts_with",
+    "statement_timestamp", "stddev", "stddev_pop", "stddev_samp", "string_agg", "string_to_array", "strpos",
+    "substr", "substring", "sum", "timeofday", "to_char", "to_date", "to_hex", "to_json", "to_jsonb", "to_number",
+    "to_timestamp", "transaction_timestamp", "translate", "trim", "trunc", "unnest", "upper", "var_pop", "var_samp",
+    "variance", "version", "width_bucket",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SqlClass::*;
+
+    fn classes(sql: &str) -> Vec<SqlClass> {
+        let c = classify(sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        c.facts.classes.into_iter().collect()
+    }
+
+    fn objects(sql: &str) -> Vec<(String, SqlClass)> {
+        classify(sql).unwrap().facts.objects.into_iter().map(|o| (o.name, o.access)).collect()
+    }
+
+    #[test]
+    fn safe_functions_are_sorted() {
+        assert!(SAFE_FUNCTIONS.windows(2).all(|w| w[0] < w[1]), "keep SAFE_FUNCTIONS sorted and unique");
+    }
+
+    #[test]
+    fn objects_and_access() {
+        assert_eq!(objects("SELECT * FROM users"), [("public.users".into(), Read)]);
+        assert_eq!(objects("select relname from pg_class"), [("pg_catalog.pg_class".into(), Read)]);
+        assert_eq!(
+            objects("INSERT INTO audit.log SELECT * FROM public.users"),
+            [("audit.log".into(), Write), ("public.users".into(), Read)]
+        );
+        assert_eq!(
+            objects("CREATE VIEW v AS SELECT * FROM t"),
+            [("public.t".into(), Read), ("public.v".into(), Ddl)]
+        );
+        assert_eq!(objects("DROP TABLE s.t, u"), [("public.u".into(), Ddl), ("s.t".into(), Ddl)]);
+    }
+
+    #[test]
+    fn cte_names_are_not_relations_but_only_in_scope() {
+        assert_eq!(objects("WITH x AS (SELECT 1) SELECT * FROM x"), []);
+        // The second `s` is outside the CTE's scope: the real table public.s.
+        assert_eq!(
+            objects("SELECT * FROM (WITH s AS (SELECT 1) SELECT * FROM s) a, s"),
+            [("public.s".into(), Read)]
+        );
+    }
+
+    #[test]
+    fn hidden_calls_and_writes_are_found() {
+        assert_eq!(classes("SELECT 1 LIMIT (SELECT lo_unlink(1))"), [Read, Exec]);
+        assert_eq!(classes("VALUES (pg_sleep(1))"), [Read, Exec]);
+        assert_eq!(classes("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d"), [Read, Write]);
+        assert_eq!(classes("SELECT count(*) OVER (PARTITION BY lower(x)) FROM t"), [Read]);
+        let f = classify("SELECT public.evil(1)").unwrap().facts;
+        assert_eq!(f.functions.into_iter().collect::<Vec<_>>(), ["public.evil"]);
+    }
+}

@@ -1,0 +1,599 @@
+//! PostgreSQL: a protocol-aware proxy that judges every statement on the server's own grammar.
+//!
+//! Per session: answer SSLRequest/GSSENCRequest with `N` (the hop is loopback), route
+//! CancelRequests to the right backend, refuse startup parameters that change privilege or mode,
+//! log in upstream with the target's credential (the agent's user and password are ignored),
+//! then relay frames. Client to server: each Query and Parse is classified ([`classify`], cached)
+//! and judged by `policy`; FunctionCall is always refused. Server to client: whole runs of frames
+//! are forwarded in one write.
+//!
+//! A refused statement is not answered locally: it is replaced by a statement the server rejects
+//! with a syntax error naming a per-session nonce, and that error is rewritten into our 42501 on
+//! the way back. So the refusal arrives in order with everything pipelined before it, the server
+//! discards the rest of an extended-protocol batch up to Sync exactly as it would for its own
+//! error, and a transaction block is left failed on both sides, as PostgreSQL itself would.
+
+pub mod cache;
+pub mod classify;
+pub mod codec;
+pub mod error;
+pub mod upstream;
+
+use crate::{
+    identity::AgentId,
+    policy::{self, Action, Policy, Subject, Verdict},
+    record::SessionRecorder,
+    secrets::Secrets,
+};
+use bytes::BytesMut;
+use classify::{Facts, SqlClass};
+use codec::{CodecError, Frame, FrameCodec, Startup, StartupCodec};
+use error::PgError;
+use futures_util::StreamExt as _;
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+use tokio_util::codec::FramedRead;
+use tracing::{debug, info, warn};
+
+/// How long a client may take to finish its startup.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Flush the client-to-server buffer at least this often (bytes), even mid-pipeline.
+const FLUSH_AT: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PgSessionError {
+    #[error("client protocol error: {0}")]
+    Protocol(#[from] CodecError),
+    #[error("client startup refused: {0}")]
+    StartupRefused(String),
+    #[error("target `{target}`: {source}")]
+    Upstream {
+        target: String,
+        source: upstream::UpstreamError,
+    },
+    #[error("target `{0}` names credential `{1}`, which the secrets file does not have")]
+    NoCredential(String, String),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("client did not finish its startup in {STARTUP_TIMEOUT:?}")]
+    StartupTimeout,
+}
+
+/// State shared by every PostgreSQL session of the daemon.
+#[derive(Default)]
+pub struct Shared {
+    pub cache: cache::StatementCache,
+    pub secrets: Secrets,
+    /// Proxy-issued cancel key → the upstream backend that key stands for.
+    cancels: Mutex<HashMap<(i32, i32), (SocketAddr, i32, i32)>>,
+}
+
+impl Shared {
+    pub fn new(secrets: Secrets) -> Self {
+        Self {
+            secrets,
+            ..Default::default()
+        }
+    }
+}
+
+/// Removes a session's cancel key when the session ends.
+struct CancelKey<'a> {
+    shared: &'a Shared,
+    key: (i32, i32),
+}
+
+impl Drop for CancelKey<'_> {
+    fn drop(&mut self) {
+        self.shared.cancels.lock().unwrap().remove(&self.key);
+    }
+}
+
+/// What one PostgreSQL session needs to know.
+pub struct Session<'a> {
+    pub target: &'a crate::config::Target,
+    pub upstream: SocketAddr,
+    pub agent: Option<&'a AgentId>,
+    pub policy: &'a Policy,
+    pub shared: &'a Shared,
+}
+
+/// Statement counts for the session record.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder) -> Result<(), PgSessionError> {
+    let (cr, mut cw) = client.into_split();
+    let mut startup = FramedRead::new(cr, StartupCodec);
+    let (minor, params) = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut startup, &mut cw, s)).await {
+        Err(_) => return Err(PgSessionError::StartupTimeout),
+        Ok(Err(e)) => {
+            if let PgSessionError::Protocol(c) = &e {
+                let _ = send_error(&mut cw, &PgError::protocol_violation(&c.to_string())).await;
+            }
+            return Err(e);
+        }
+        Ok(Ok(None)) => return Ok(()), // a cancel request, served
+        Ok(Ok(Some(p))) => p,
+    };
+    let leftover = startup.read_buffer_mut().split();
+    let cr = startup.into_inner();
+
+    let checked = match check_startup(s, &params) {
+        Ok(c) => c,
+        Err(refusal) => {
+            send_error(&mut cw, &refusal).await?;
+            return Err(PgSessionError::StartupRefused(refusal.message));
+        }
+    };
+    let cred_name = s.target.credential.as_deref().unwrap_or_default();
+    let Some(cred) = s.shared.secrets.get(cred_name) else {
+        send_error(&mut cw, &PgError::upstream_unavailable(&s.target.name)).await?;
+        return Err(PgSessionError::NoCredential(s.target.name.clone(), cred_name.into()));
+    };
+    let identity = s.agent.and_then(|a| a.name.as_deref());
+    let mut extra = checked.forward;
+    if s.policy.read_only(identity, &s.target.name) {
+        // Defence in depth: even a statement the classifier got wrong cannot write.
+        extra.push(("default_transaction_read_only".into(), "on".into()));
+    }
+    let up = match upstream::login(s.upstream, cred, &checked.database, &extra).await {
+        Ok(u) => u,
+        Err(source) => {
+            send_error(&mut cw, &PgError::upstream_unavailable(&s.target.name)).await?;
+            return Err(PgSessionError::Upstream {
+                target: s.target.name.clone(),
+                source,
+            });
+        }
+    };
+
+    let mut greeting = BytesMut::new();
+    if minor > 0 {
+        let unrecognized: Vec<&str> =
+            params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
+        codec::negotiate_protocol_version(&mut greeting, &unrecognized);
+    }
+    codec::auth_ok(&mut greeting);
+    for (k, v) in &up.parameters {
+        codec::parameter_status(&mut greeting, k, v);
+    }
+    let _cancel_key = up.backend_key.map(|(pid, key)| {
+        let ours = (random_i32(), random_i32());
+        s.shared.cancels.lock().unwrap().insert(ours, (s.upstream, pid, key));
+        codec::backend_key_data(&mut greeting, ours.0, ours.1);
+        CancelKey {
+            shared: s.shared,
+            key: ours,
+        }
+    });
+    codec::ready_for_query(&mut greeting, b'I');
+    cw.write_all(&greeting).await?;
+    debug!(database = %checked.database, "postgres session ready");
+
+    let (mut ur, mut uw) = up.stream.into_split();
+    let mut frames = FramedRead::new(cr, FrameCodec::default());
+    frames.read_buffer_mut().extend_from_slice(&leftover);
+    let denials = Denials::default();
+    let mut counts = Counts::default();
+    let judge = Judge {
+        s,
+        nonce: format!("chaperone_denied_{:08x}{:08x}", random_i32(), random_i32()),
+        seq: AtomicU64::new(0),
+    };
+    let result = tokio::try_join!(
+        client_to_server(&mut frames, &mut uw, &judge, &denials, &mut counts),
+        server_to_client(&mut ur, &mut cw, up.leftover, &denials),
+    );
+    rec.statements_allowed = counts.allowed;
+    rec.statements_denied = counts.denied;
+    if let Err(PgSessionError::Protocol(e)) = &result {
+        let _ = send_error(&mut cw, &PgError::protocol_violation(&e.to_string())).await;
+    }
+    if result.is_err() {
+        let _ = cw.as_ref().set_zero_linger();
+        let _ = uw.as_ref().set_zero_linger();
+    }
+    result.map(drop)
+}
+
+/// Read startup packets until a StartupMessage (`Some`) or a served CancelRequest (`None`).
+async fn read_startup(
+    startup: &mut FramedRead<OwnedReadHalf, StartupCodec>,
+    cw: &mut OwnedWriteHalf,
+    s: &Session<'_>,
+) -> Result<Option<(u16, Vec<(String, String)>)>, PgSessionError> {
+    loop {
+        match startup.next().await {
+            None => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Some(Err(e)) => return Err(e.into()),
+            // No TLS or GSS encryption on the loopback hop: the client continues in the clear.
+            Some(Ok(Startup::Ssl | Startup::GssEnc)) => cw.write_all(b"N").await?,
+            Some(Ok(Startup::Cancel { pid, key })) => {
+                let backend = s.shared.cancels.lock().unwrap().get(&(pid, key)).copied();
+                match backend {
+                    Some((addr, pid, key)) => {
+                        info!("forwarding a cancel request");
+                        upstream::cancel(addr, pid, key).await?;
+                    }
+                    None => warn!("cancel request with an unknown key; ignored"),
+                }
+                return Ok(None);
+            }
+            Some(Ok(Startup::Startup { minor, params })) => return Ok(Some((minor, params))),
+        }
+    }
+}
+
+struct CheckedStartup {
+    database: String,
+    /// Client parameters passed on to the server.
+    forward: Vec<(String, String)>,
+}
+
+/// Startup parameters are GUC settings: any of them could change privilege or mode (`role`,
+/// `default_transaction_read_only`, `options=-c …`, `replication`). Only these pass.
+const FORWARDED_PARAMS: &[&str] =
+    &["application_name", "client_encoding", "datestyle", "timezone", "extra_float_digits", "intervalstyle"];
+
+fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<CheckedStartup, PgError> {
+    let mut forward = Vec::new();
+    let (mut user, mut database) = (None, None);
+    for (k, v) in params {
+        let key = k.to_ascii_lowercase();
+        match key.as_str() {
+            // The agent's user is ignored: the daemon logs in with the target's credential.
+            "user" => user = Some(v.clone()),
+            "database" => database = Some(v.clone()),
+            "options" if v.trim().is_empty() => {}
+            "replication" if matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") => {}
+            k if k.starts_with("_pq_.") => {} // protocol extensions: negotiated away
+            k if FORWARDED_PARAMS.contains(&k) => forward.push((k.to_string(), v.clone())),
+            _ => {
+                return Err(PgError::startup_refused(
+                    "42501",
+                    format!("startup parameter `{k}` is not allowed through this proxy (it could change privilege or mode)"),
+                ));
+            }
+        }
+    }
+    let asked = database.or(user).filter(|d| !d.is_empty());
+    let database = match (&s.target.database, asked) {
+        (Some(served), Some(asked)) if *served != asked => {
+            return Err(PgError::startup_refused(
+                "3D000",
+                format!("database `{asked}` is not reachable through target `{}` (it serves `{served}`)", s.target.name),
+            ));
+        }
+        (Some(served), _) => served.clone(),
+        (None, Some(asked)) => asked,
+        (None, None) => return Err(PgError::startup_refused("3D000", "no database named in the startup".into())),
+    };
+    Ok(CheckedStartup { database, forward })
+}
+
+async fn send_error(cw: &mut OwnedWriteHalf, e: &PgError) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    e.encode(&mut buf);
+    cw.write_all(&buf).await
+}
+
+/// Refusals waiting for the server's error on their stand-in statement.
+#[derive(Default)]
+struct Denials {
+    any: AtomicBool,
+    list: Mutex<Vec<(String, PgError)>>,
+}
+
+impl Denials {
+    fn push(&self, marker: String, e: PgError) {
+        let mut l = self.list.lock().unwrap();
+        // A stand-in the server skipped (an earlier error in the same batch) never answers;
+        // keep the list from growing without bound.
+        if l.len() >= 64 {
+            l.remove(0);
+        }
+        l.push((marker, e));
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// If this ErrorResponse answers a stand-in, the refusal to send instead.
+    fn take_for(&self, frame: &Frame) -> Option<PgError> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
+        let fields = codec::parse_error_fields(frame);
+        let message = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str())?;
+        let mut l = self.list.lock().unwrap();
+        let i = l.iter().position(|(marker, _)| message.contains(marker.as_str()))?;
+        let (_, e) = l.remove(i);
+        self.any.store(!l.is_empty(), Ordering::Release);
+        Some(e)
+    }
+}
+
+/// Classifies and judges statements for one session.
+struct Judge<'a> {
+    s: &'a Session<'a>,
+    nonce: String,
+    seq: AtomicU64,
+}
+
+enum Judgement {
+    Allow,
+    Deny(PgError),
+}
+
+impl Judge<'_> {
+    fn marker(&self) -> String {
+        format!("{}_{}", self.nonce, self.seq.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn sql(&self, sql: &str, prepared: &mut HashMap<String, Facts>) -> Judgement {
+        let outcome = self.s.shared.cache.classify(sql);
+        let c = match &*outcome {
+            Ok(c) => c,
+            Err(e) => {
+                info!(verdict = "deny", rule = "unparsable", "statement does not parse");
+                return Judgement::Deny(PgError::denied("statements that do not parse are denied", e.to_string()));
+            }
+        };
+        // EXECUTE runs what PREPARE stored: judge those facts too.
+        let merged;
+        let facts = if c.executes.is_empty() {
+            &c.facts
+        } else {
+            let mut f = c.facts.clone();
+            for name in &c.executes {
+                match prepared.get(name) {
+                    Some(p) => f.merge(p),
+                    None => {
+                        f.classes.insert(SqlClass::Unknown);
+                        f.notes.push(format!("EXECUTE of `{name}`, which this session did not PREPARE"));
+                    }
+                }
+            }
+            merged = f;
+            &merged
+        };
+        let decision = policy::evaluate(
+            self.s.policy,
+            &Subject { agent: self.s.agent },
+            &Action::Sql {
+                target: &self.s.target.name,
+                facts,
+            },
+        );
+        match decision.verdict {
+            Verdict::Allow => {
+                debug!(rule = %decision.rule, classes = ?facts.classes, "statement allowed");
+                for (name, f) in &c.prepares {
+                    prepared.insert(name.clone(), f.clone());
+                }
+                for d in &c.deallocates {
+                    match d {
+                        Some(name) => prepared.remove(name),
+                        None => {
+                            prepared.clear();
+                            None
+                        }
+                    };
+                }
+                Judgement::Allow
+            }
+            Verdict::Deny(_) | Verdict::Hold(_) => {
+                info!(rule = %decision.rule, classes = ?facts.classes, objects = facts.objects.len(), "statement denied");
+                Judgement::Deny(PgError::denied(&decision.rule, describe(facts)))
+            }
+        }
+    }
+}
+
+/// What a refused statement does, for the error's DETAIL.
+fn describe(f: &Facts) -> String {
+    let classes: Vec<&str> = f.classes.iter().map(|c| c.as_str()).collect();
+    let mut d = format!("classes: {}", classes.join(", "));
+    if !f.objects.is_empty() {
+        let objs: Vec<String> = f.objects.iter().map(|o| format!("{} ({})", o.name, o.access.as_str())).collect();
+        d.push_str(&format!("; objects: {}", objs.join(", ")));
+    }
+    if !f.functions.is_empty() {
+        d.push_str(&format!("; functions: {}", f.functions.iter().cloned().collect::<Vec<_>>().join(", ")));
+    }
+    for n in &f.notes {
+        d.push_str(&format!("; {n}"));
+    }
+    d
+}
+
+async fn client_to_server(
+    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
+    uw: &mut OwnedWriteHalf,
+    judge: &Judge<'_>,
+    denials: &Denials,
+    counts: &mut Counts,
+) -> Result<(), PgSessionError> {
+    let mut out = BytesMut::with_capacity(8192);
+    let mut prepared: HashMap<String, Facts> = HashMap::new();
+    while let Some(frame) = frames.next().await {
+        let frame = frame?;
+        let verdict = match frame.tag {
+            b'Q' => Some(judge.sql(codec::query_sql(&frame)?, &mut prepared)),
+            b'P' => Some(judge.sql(codec::parse_sql(&frame)?.1, &mut prepared)),
+            // The fast-path function call bypasses SQL entirely (lo_import, pg_read_file…).
+            b'F' => Some(Judgement::Deny(PgError::denied(
+                "the FunctionCall protocol message is always denied",
+                "use SELECT function(...) instead, which policy can judge".into(),
+            ))),
+            b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'X' => None,
+            other => {
+                return Err(CodecError::Malformed {
+                    what: if other.is_ascii_graphic() { "message: unknown frontend message type" } else { "message type" },
+                }
+                .into());
+            }
+        };
+        match verdict {
+            None => out.extend_from_slice(&frame.raw),
+            Some(Judgement::Allow) => {
+                counts.allowed += 1;
+                out.extend_from_slice(&frame.raw);
+            }
+            Some(Judgement::Deny(e)) => {
+                counts.denied += 1;
+                let marker = judge.marker();
+                // A stand-in the server rejects with a syntax error that names the marker.
+                match frame.tag {
+                    b'P' => codec::parse(&mut out, "", &marker),
+                    _ => codec::query(&mut out, &marker),
+                }
+                denials.push(marker, e);
+            }
+        }
+        if frame.tag == b'X' {
+            break;
+        }
+        if frames.read_buffer().is_empty() || out.len() >= FLUSH_AT {
+            uw.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    uw.write_all(&out).await?;
+    uw.shutdown().await?;
+    Ok(())
+}
+
+async fn server_to_client(
+    ur: &mut OwnedReadHalf,
+    cw: &mut OwnedWriteHalf,
+    mut buf: BytesMut,
+    denials: &Denials,
+) -> Result<(), PgSessionError> {
+    loop {
+        let end = codec::complete_frames(&buf, codec::MAX_FRAME_LEN).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("server sent {e}"))
+        })?;
+        if end > 0 {
+            let chunk = buf.split_to(end);
+            if denials.any.load(Ordering::Acquire) {
+                cw.write_all(&rewrite_denials(chunk, denials)).await?;
+            } else {
+                cw.write_all(&chunk).await?;
+            }
+        }
+        buf.reserve(64 * 1024);
+        if ur.read_buf(&mut buf).await? == 0 {
+            cw.shutdown().await?;
+            return Ok(());
+        }
+    }
+}
+
+/// Replace the server's errors for stand-in statements with the refusals they stand for.
+fn rewrite_denials(mut chunk: BytesMut, denials: &Denials) -> BytesMut {
+    let mut out = BytesMut::with_capacity(chunk.len());
+    let mut codec = FrameCodec::default();
+    while let Ok(Some(frame)) = tokio_util::codec::Decoder::decode(&mut codec, &mut chunk) {
+        match (frame.tag, denials.take_for_if_error(&frame)) {
+            (b'E', Some(e)) => e.encode(&mut out),
+            _ => out.extend_from_slice(&frame.raw),
+        }
+    }
+    out
+}
+
+impl Denials {
+    fn take_for_if_error(&self, frame: &Frame) -> Option<PgError> {
+        if frame.tag == b'E' { self.take_for(frame) } else { None }
+    }
+}
+
+fn random_i32() -> i32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom into a 4-byte buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != 4 {
+        // Never reached on Linux ≥ 3.17 once the pool is initialized; fail loudly, not weakly.
+        panic!("getrandom failed");
+    }
+    i32::from_ne_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ProtocolKind, Target};
+
+    fn target(database: Option<&str>) -> Target {
+        Target {
+            name: "app".into(),
+            protocol: ProtocolKind::Postgres,
+            address: "127.0.0.1/32".parse().unwrap(),
+            port: 5432,
+            credential: Some("c".into()),
+            database: database.map(str::to_owned),
+        }
+    }
+
+    fn check(database: Option<&str>, params: &[(&str, &str)]) -> Result<CheckedStartup, PgError> {
+        let t = target(database);
+        let policy = Policy {
+            unlisted: crate::config::Unlisted::Deny,
+            grants: vec![],
+        };
+        let shared = Shared::default();
+        let s = Session {
+            target: &t,
+            upstream: "127.0.0.1:5432".parse().unwrap(),
+            agent: None,
+            policy: &policy,
+            shared: &shared,
+        };
+        let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        check_startup(&s, &params)
+    }
+
+    #[test]
+    fn startup_parameters_that_change_privilege_or_mode_are_refused() {
+        for bad in [
+            ("options", "-c role=postgres"),
+            ("options", "-c default_transaction_read_only=off"),
+            ("replication", "database"),
+            ("role", "postgres"),
+            ("default_transaction_read_only", "off"),
+            ("search_path", "evil"),
+            ("session_authorization", "postgres"),
+        ] {
+            let e = check(Some("app"), &[("user", "x"), bad]).err().unwrap_or_else(|| panic!("{bad:?} passed"));
+            assert!(e.fatal && e.code == "42501", "{bad:?}: {e:?}");
+        }
+        let ok = check(Some("app"), &[("user", "x"), ("database", "app"), ("application_name", "psql"), ("options", ""), ("replication", "false")]).unwrap();
+        assert_eq!(ok.database, "app");
+        assert_eq!(ok.forward, [("application_name".to_string(), "psql".to_string())]);
+    }
+
+    #[test]
+    fn database_must_be_the_one_the_target_serves() {
+        assert_eq!(check(Some("app"), &[("user", "app")]).unwrap().database, "app");
+        assert_eq!(check(Some("app"), &[("user", "x")]).err().map(|e| e.code), Some("3D000"));
+        assert_eq!(check(Some("app"), &[("database", "other")]).err().map(|e| e.code), Some("3D000"));
+        assert_eq!(check(None, &[("user", "u"), ("database", "d")]).unwrap().database, "d");
+    }
+}
