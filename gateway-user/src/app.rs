@@ -327,7 +327,7 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
         protocol: protocols::name(kind).to_string(),
         verdict: match decision.verdict {
             Verdict::Allow => RecordedVerdict::Allow,
-            Verdict::Deny(_) | Verdict::Hold(_) => RecordedVerdict::Deny,
+            Verdict::Deny(_) | Verdict::Hold => RecordedVerdict::Deny,
         },
         reason: decision.rule,
         started_at_ms: now_ms(),

@@ -2,6 +2,7 @@
 //! one function per subcommand. `main` turns the returned error into one `chaperone: …` line
 //! (or a JSON object with `--json`) and an exit code.
 
+mod policy;
 mod run;
 
 use crate::{
@@ -43,6 +44,29 @@ pub enum Command {
     Status,
     /// List recorded sessions.
     Sessions(SessionsArgs),
+    /// Work with the policy offline.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print the verdict, the facts and the deciding rule for a statement, without any server.
+    /// Exit status: 0 allow, 1 deny, 2 review (errors also exit 2, with a `chaperone:` line).
+    Check(PolicyCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PolicyCheckArgs {
+    /// The agent identity to check for.
+    #[arg(long = "as", value_name = "IDENTITY")]
+    pub identity: String,
+    /// The target (a postgres target of the configuration).
+    #[arg(long, value_name = "NAME")]
+    pub target: String,
+    /// The statement (or several, separated by semicolons, as one query string).
+    #[arg(long, value_name = "STATEMENT", allow_hyphen_values = true)]
+    pub sql: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,10 +118,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Run(args) => run::run(&config, &args),
         Command::Status => status(&config, cli.json),
         Command::Sessions(args) => sessions(&config, &args, cli.json),
+        Command::Policy(PolicyCommand::Check(args)) => policy::check(&config, &args, cli.json),
     }
 }
 
-fn print_json(value: &impl Serialize) {
+pub(crate) fn print_json(value: &impl Serialize) {
     println!("{}", serde_json::to_string(value).expect("serializable"));
 }
 
@@ -239,6 +264,15 @@ mod tests {
     #[test]
     fn run_needs_a_command() {
         assert!(Cli::try_parse_from(["chaperone", "run"]).is_err());
+    }
+
+    #[test]
+    fn policy_check_takes_sql_with_leading_dashes() {
+        let cli = Cli::try_parse_from(["chaperone", "policy", "check", "--as", "agent", "--target", "app", "--sql", "-- c\nSELECT 1"]).unwrap();
+        match cli.command {
+            Command::Policy(PolicyCommand::Check(a)) => assert_eq!(a.sql, "-- c\nSELECT 1"),
+            c => panic!("{c:?}"),
+        }
     }
 
     #[test]

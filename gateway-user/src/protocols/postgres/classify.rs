@@ -17,7 +17,10 @@
 use pg_query::ParserOptions;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::collections::BTreeSet;
+use std::{
+    borrow::Cow,
+    collections::{BTreeSet, HashMap},
+};
 
 /// What kind of thing a statement (or part of one) does, from least to most dangerous.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
@@ -127,6 +130,45 @@ pub struct Classified {
     /// cached by normalized text.
     #[serde(skip)]
     pub depends_on_constants: bool,
+}
+
+impl Classified {
+    /// The facts to judge: this string's own, plus what each `EXECUTE` runs, resolved against
+    /// statements prepared earlier in the string or, before that, in the session. An `EXECUTE`
+    /// of something never prepared is `unknown`.
+    pub fn facts_with(&self, session: &HashMap<String, Facts>) -> Cow<'_, Facts> {
+        if self.executes.is_empty() {
+            return Cow::Borrowed(&self.facts);
+        }
+        let mut f = self.facts.clone();
+        for name in &self.executes {
+            let in_string = self.prepares.iter().find(|(n, _)| n == name).map(|(_, f)| f);
+            match in_string.or_else(|| session.get(name)) {
+                Some(p) => f.merge(p),
+                None => {
+                    f.classes.insert(SqlClass::Unknown);
+                    f.notes.push(format!("EXECUTE of `{name}`, which this session did not PREPARE"));
+                }
+            }
+        }
+        Cow::Owned(f)
+    }
+
+    /// Apply this string's PREPAREs and DEALLOCATEs to the session's prepared statements (once
+    /// the string is allowed).
+    pub fn apply_to(&self, session: &mut HashMap<String, Facts>) {
+        for (name, f) in &self.prepares {
+            session.insert(name.clone(), f.clone());
+        }
+        for d in &self.deallocates {
+            match d {
+                Some(name) => {
+                    session.remove(name);
+                }
+                None => session.clear(),
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -389,6 +431,8 @@ impl Walker {
         self.object(obj, inner);
     }
 
+    /// PREPARE is judged as what it prepares (a statement one may not run, one may not prepare
+    /// either), and the prepared facts are kept for EXECUTE.
     fn prepare(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
         self.stmt_class(SqlClass::Session, ctx, String::new);
         let mut inner = Walker::default();
@@ -396,6 +440,7 @@ impl Walker {
             inner.value(q, Ctx::top());
         }
         self.out.depends_on_constants |= inner.out.depends_on_constants;
+        self.out.facts.merge(&inner.out.facts);
         if let Some(name) = obj.get("name").and_then(Value::as_str) {
             self.out.prepares.push((name.to_owned(), inner.out.facts));
         }

@@ -26,7 +26,7 @@ use crate::{
     secrets::Secrets,
 };
 use bytes::BytesMut;
-use classify::{Facts, SqlClass};
+use classify::Facts;
 use codec::{CodecError, Frame, FrameCodec, Startup, StartupCodec};
 use error::PgError;
 use futures_util::StreamExt as _;
@@ -356,23 +356,8 @@ impl Judge<'_> {
             }
         };
         // EXECUTE runs what PREPARE stored: judge those facts too.
-        let merged;
-        let facts = if c.executes.is_empty() {
-            &c.facts
-        } else {
-            let mut f = c.facts.clone();
-            for name in &c.executes {
-                match prepared.get(name) {
-                    Some(p) => f.merge(p),
-                    None => {
-                        f.classes.insert(SqlClass::Unknown);
-                        f.notes.push(format!("EXECUTE of `{name}`, which this session did not PREPARE"));
-                    }
-                }
-            }
-            merged = f;
-            &merged
-        };
+        let facts = c.facts_with(prepared);
+        let facts = &*facts;
         let decision = policy::evaluate(
             self.s.policy,
             &Subject { agent: self.s.agent },
@@ -384,21 +369,15 @@ impl Judge<'_> {
         match decision.verdict {
             Verdict::Allow => {
                 debug!(rule = %decision.rule, classes = ?facts.classes, "statement allowed");
-                for (name, f) in &c.prepares {
-                    prepared.insert(name.clone(), f.clone());
-                }
-                for d in &c.deallocates {
-                    match d {
-                        Some(name) => prepared.remove(name),
-                        None => {
-                            prepared.clear();
-                            None
-                        }
-                    };
-                }
+                c.apply_to(prepared);
                 Judgement::Allow
             }
-            Verdict::Deny(_) | Verdict::Hold(_) => {
+            Verdict::Hold => {
+                info!(rule = %decision.rule, classes = ?facts.classes, "statement needs approval; refused");
+                let rule = format!("{}: requires a human's approval, which this version cannot take", decision.rule);
+                Judgement::Deny(PgError::denied(&rule, describe(facts)))
+            }
+            Verdict::Deny(_) => {
                 info!(rule = %decision.rule, classes = ?facts.classes, objects = facts.objects.len(), "statement denied");
                 Judgement::Deny(PgError::denied(&decision.rule, describe(facts)))
             }
