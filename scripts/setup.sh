@@ -12,7 +12,7 @@ set -euo pipefail
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 BPF_LINKER_VERSION=0.13.0
-APT_PACKAGES=(llvm-22-dev libclang-dev curl python3 iproute2 postgresql-15 postgresql-client-15 python3-psycopg)
+APT_PACKAGES=(llvm-22-dev libclang-dev curl python3 iproute2 postgresql-15 postgresql-client-15 python3-psycopg pgbouncer)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

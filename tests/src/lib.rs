@@ -67,6 +67,10 @@ pub struct DaemonOptions {
     pub unlisted: &'static str,
     /// `(name, address, port)` tcp targets.
     pub targets: Vec<(String, String, u16)>,
+    /// More targets, as YAML flow mappings (e.g. postgres targets with a credential).
+    pub target_yaml: Vec<String>,
+    /// Top-level YAML appended to the configuration (grants, secrets_file, …).
+    pub extra_yaml: String,
     pub dns_resolvers: Vec<SocketAddr>,
 }
 
@@ -75,6 +79,8 @@ impl Default for DaemonOptions {
         Self {
             unlisted: "deny",
             targets: Vec::new(),
+            target_yaml: Vec::new(),
+            extra_yaml: String::new(),
             dns_resolvers: Vec::new(),
         }
     }
@@ -106,9 +112,13 @@ impl TestDaemon {
         for (name, addr, port) in &opts.targets {
             yaml.push_str(&format!("  - {{name: {name}, protocol: tcp, address: \"{addr}\", port: {port}}}\n"));
         }
-        if opts.targets.is_empty() {
+        for t in &opts.target_yaml {
+            yaml.push_str(&format!("  - {t}\n"));
+        }
+        if opts.targets.is_empty() && opts.target_yaml.is_empty() {
             yaml.push_str("  []\n");
         }
+        yaml.push_str(&opts.extra_yaml);
         let config = dir.join("chaperone.yaml");
         std::fs::write(&config, yaml).unwrap();
         let mut d = Self {
@@ -385,4 +395,196 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Random bytes as lowercase hex (`getrandom`), for passwords and names nobody could guess.
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    // SAFETY: getrandom into a buffer of exactly b.len() bytes.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    assert_eq!(n, bytes as isize, "getrandom");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// PostgreSQL 15's server binaries (Debian layout).
+pub const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A real PostgreSQL 15 on 127.0.0.1 and a free port, in its own temporary directory, run as the
+/// `postgres` OS user with SCRAM authentication. It holds role `agent_ro` (LOGIN, password
+/// [`Postgres::ro_password`], SELECT on everything in `app`'s public schema) and database `app`
+/// with `users(id int primary key, email text)` (3 rows) and the pgbench tables (scale 1).
+/// Stopped (`-m immediate`) and removed on drop.
+pub struct Postgres {
+    pub dir: PathBuf,
+    pub port: u16,
+    /// `agent_ro`'s password: what the daemon's secrets file holds and no agent may ever see.
+    pub ro_password: String,
+    super_password: String,
+}
+
+impl Postgres {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("chaperone-pg-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        set_mode(&dir, 0o755);
+        chown_to_postgres(&dir);
+        let super_password = format!("su-{}", random_hex(16));
+        let ro_password = format!("ro-{}", random_hex(16));
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, format!("{super_password}\n")).unwrap();
+        set_mode(&pwfile, 0o600);
+        chown_to_postgres(&pwfile);
+        let data = dir.join("data");
+        let out = as_postgres(&dir, &format!("{PG_BIN}/initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .output()
+            .expect("runuser … initdb");
+        assert_ok(&out, "initdb");
+        let _ = std::fs::remove_file(&pwfile);
+
+        // The port is probed, then released: another test may take it first; retry then.
+        let mut pg = None;
+        for _ in 0..5 {
+            let port = free_port();
+            let out = as_postgres(&dir, &format!("{PG_BIN}/pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.join("server.log"))
+                .args(["-w", "-t", "60", "-o"])
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
+                     -c full_page_writes=off -c shared_buffers=16MB",
+                    dir.display()
+                ))
+                .arg("start")
+                .output()
+                .expect("runuser … pg_ctl start");
+            if out.status.success() {
+                pg = Some(port);
+                break;
+            }
+            eprintln!(
+                "pg_ctl start on port {port} failed ({}); log:\n{}",
+                out.status,
+                std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+            );
+        }
+        let port = pg.unwrap_or_else(|| panic!("PostgreSQL did not start in {}", dir.display()));
+        let pg = Self {
+            dir,
+            port,
+            ro_password,
+            super_password,
+        };
+        pg.psql_super("postgres", &format!("CREATE ROLE agent_ro LOGIN PASSWORD '{}'", pg.ro_password));
+        pg.psql_super("postgres", "CREATE DATABASE app");
+        pg.psql_super(
+            "app",
+            "CREATE TABLE users(id int primary key, email text);
+             INSERT INTO users VALUES (1, 'ada@example.com'), (2, 'brian@example.com'), (3, 'grace@example.com');
+             GRANT SELECT ON ALL TABLES IN SCHEMA public TO agent_ro;",
+        );
+        let out = Command::new("pgbench")
+            .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "app"])
+            .env("PGPASSWORD", &pg.super_password)
+            .output()
+            .expect("pgbench -i");
+        assert_ok(&out, "pgbench -i -s 1 app");
+        pg.psql_super("app", "GRANT SELECT ON ALL TABLES IN SCHEMA public TO agent_ro");
+        pg
+    }
+
+    /// Run SQL as the superuser, directly (this process is outside any agent tree), and return
+    /// psql's unaligned, tuples-only output. Panics if psql fails.
+    pub fn psql_super(&self, db: &str, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg(format!("host=127.0.0.1 port={} dbname={db} user=postgres", self.port))
+            .arg("-c")
+            .arg(sql)
+            .env("PGPASSWORD", &self.super_password)
+            .output()
+            .expect("psql (superuser)");
+        assert_ok(&out, &format!("psql as superuser: {sql}"));
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    }
+
+    /// Daemon options for a postgres target `app` on this server: a secrets file (mode 0600)
+    /// with credential `app-ro` (`agent_ro`), and a read-only grant for identity `agent` on
+    /// classes read/session/transaction, objects public.*, pg_catalog.* and information_schema.*,
+    /// and the non-built-in functions `functions`.
+    pub fn daemon_options_with_functions(&self, functions: &[&str]) -> DaemonOptions {
+        let secrets = self.dir.join(format!("secrets-{}.yaml", unique()));
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .create_new(true)
+                .write(true)
+                .mode(0o600)
+                .open(&secrets)
+                .unwrap();
+            write!(f, "credentials:\n  app-ro: {{user: agent_ro, password: \"{}\"}}\n", self.ro_password).unwrap();
+        }
+        set_mode(&secrets, 0o600);
+        DaemonOptions {
+            target_yaml: vec![format!(
+                "{{name: app, protocol: postgres, address: 127.0.0.1, port: {}, credential: app-ro, database: app}}",
+                self.port
+            )],
+            extra_yaml: format!(
+                "secrets_file: {}\ngrants:\n  - identity: agent\n    target: app\n    effect: allow\n    sql:\n      \
+                 classes: [read, session, transaction]\n      objects: [\"public.*\", \"pg_catalog.*\", \"information_schema.*\"]\n      \
+                 functions: [{}]\n",
+                secrets.display(),
+                functions.join(", ")
+            ),
+            ..Default::default()
+        }
+    }
+
+    /// [`Postgres::daemon_options_with_functions`] with `pg_sleep` granted (for cancel tests).
+    pub fn daemon_options(&self) -> DaemonOptions {
+        self.daemon_options_with_functions(&["pg_sleep"])
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.dir, &format!("{PG_BIN}/pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+        if thread::panicking() {
+            eprintln!("postgres log ({}):\n{}", self.dir.display(), self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `runuser -u postgres -- PROGRAM`, in `cwd` (postgres cannot enter the test's directory).
+fn as_postgres(cwd: &Path, program: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--", program]).current_dir(cwd);
+    c
+}
+
+fn chown_to_postgres(path: &Path) {
+    let out = Command::new("chown").arg("postgres:postgres").arg(path).output().expect("chown");
+    assert_ok(&out, "chown postgres");
+}
+
+/// chmod.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }

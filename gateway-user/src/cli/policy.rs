@@ -76,7 +76,7 @@ pub fn check(config: &Config, args: &PolicyCheckArgs, json: bool) -> anyhow::Res
             println!("error:     {e}");
         }
         if let Some(f) = &report.facts {
-            let classes: Vec<&str> = f.classes.iter().map(|c| c.as_str()).collect();
+            let classes: Vec<&str> = f.effective_classes().iter().map(|c| c.as_str()).collect();
             println!("classes:   {}", classes.join(", "));
             for o in &f.objects {
                 println!("object:    {} ({})", o.name, o.access.as_str());

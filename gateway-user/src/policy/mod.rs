@@ -145,17 +145,19 @@ fn evaluate_sql(policy: &Policy, subject: &Subject<'_>, target: &str, facts: &Fa
 }
 
 /// An allow/review grant covers the facts when it lists every class, every relation matches one
-/// of its patterns (no patterns: any relation), and it lists every non-built-in function.
+/// of its patterns (no patterns: any relation), and it lists every non-built-in function called
+/// (or has the `exec` class, which covers any function).
 fn covers(g: &SqlGrant, f: &Facts) -> bool {
     f.classes.iter().all(|c| g.classes.contains(c))
         && f.objects.iter().all(|o| g.objects.is_empty() || g.objects.iter().any(|p| glob_match(p, &o.name)))
-        && f.functions.iter().all(|fun| g.functions.contains(fun))
+        && (g.classes.contains(&SqlClass::Exec) || f.functions.iter().all(|fun| g.functions.contains(fun)))
 }
 
-/// A deny grant matches when the facts have any of its classes (none listed: any) and touch any
-/// relation matching its patterns (none listed: regardless of relations).
+/// A deny grant matches when the facts have any of its classes (none listed: any; calling a
+/// non-built-in function counts as `exec`) and touch any relation matching its patterns (none
+/// listed: regardless of relations).
 fn deny_matches(g: &SqlGrant, f: &Facts) -> bool {
-    let class_hit = g.classes.is_empty() || f.classes.iter().any(|c| g.classes.contains(c));
+    let class_hit = g.classes.is_empty() || f.effective_classes().iter().any(|c| g.classes.contains(c));
     let object_hit = g.objects.is_empty() || f.objects.iter().any(|o| g.objects.iter().any(|p| glob_match(p, &o.name)));
     class_hit && object_hit
 }
@@ -268,6 +270,12 @@ mod tests {
         assert!(matches!(verdict(vec![grant("allow", "write"), grant("review", "write"), grant("deny", "write")], sql), Verdict::Deny(_)));
         assert!(matches!(verdict(vec![grant("allow", "read")], sql), Verdict::Deny(_)), "no covering grant");
         assert!(matches!(verdict(vec![], "SELECT 1"), Verdict::Deny(_)), "no grant at all");
+        // A listed function runs under a read grant; an unlisted one does not; exec covers any.
+        let with_fn: Grant = serde_yaml::from_str("{identity: a, target: t, effect: allow, sql: {classes: [read], functions: [pg_sleep]}}").unwrap();
+        assert_eq!(verdict(vec![with_fn.clone()], "SELECT pg_sleep(0)"), Verdict::Allow);
+        assert!(matches!(verdict(vec![with_fn], "SELECT lo_unlink(1)"), Verdict::Deny(_)));
+        assert_eq!(verdict(vec![grant("allow", "read, exec")], "SELECT lo_unlink(1)"), Verdict::Allow);
+        assert!(matches!(verdict(vec![grant("allow", "read, exec"), grant("deny", "exec")], "SELECT lo_unlink(1)"), Verdict::Deny(_)));
         let other = AgentId { name: Some("b".into()), cgroup: String::new() };
         let p = Policy { unlisted: Unlisted::Deny, grants: vec![grant("allow", "read")] };
         let c = classify("SELECT 1").unwrap();

@@ -62,6 +62,8 @@ pub enum RedirectError {
     NotBpffs(PathBuf),
     #[error("loading the eBPF object: {0}; does the kernel have BTF, CGROUP_BPF and sockops?")]
     Load(#[from] aya::EbpfError),
+    #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP); it cannot install interception")]
+    NoObject,
     #[error("eBPF object has no program `{0}` (build mismatch)")]
     MissingProgram(&'static str),
     #[error("eBPF object has no map `{0}` (build mismatch)")]
@@ -197,6 +199,9 @@ impl Redirect {
         proxy: ProxyAddrs,
         dns: &[SocketAddr],
     ) -> Result<Self, RedirectError> {
+        if OBJECT.is_empty() {
+            return Err(RedirectError::NoObject);
+        }
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir).map_err(io_err(pin_dir))?;
         let map_pins: Vec<(&str, PathBuf)> =

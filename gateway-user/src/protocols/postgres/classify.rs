@@ -88,7 +88,9 @@ pub struct ObjectRef {
 pub struct Facts {
     pub classes: BTreeSet<SqlClass>,
     pub objects: BTreeSet<ObjectRef>,
-    /// Functions called that are not known-safe built-ins (each also makes the class `exec`).
+    /// Functions called that are not known-safe built-ins. A grant must list each one (or allow
+    /// the `exec` class, which covers any function); for messages and deny rules they count as
+    /// `exec`.
     pub functions: BTreeSet<String>,
     /// Why something is `unknown` or `admin`, for the error message and the record.
     pub notes: Vec<String>,
@@ -102,9 +104,18 @@ impl Facts {
         self.notes.extend(other.notes.iter().cloned());
     }
 
+    /// The classes, with `exec` added when non-built-in functions are called.
+    pub fn effective_classes(&self) -> BTreeSet<SqlClass> {
+        let mut c = self.classes.clone();
+        if !self.functions.is_empty() {
+            c.insert(SqlClass::Exec);
+        }
+        c
+    }
+
     /// The most dangerous class, for messages.
     pub fn worst(&self) -> Option<SqlClass> {
-        self.classes.iter().next_back().copied()
+        self.effective_classes().into_iter().next_back()
     }
 
     fn class(&mut self, c: SqlClass, note: impl FnOnce() -> String) {
@@ -575,7 +586,7 @@ impl Walker {
             self.out.facts.class(SqlClass::Admin, || "set_config() changes session settings".into());
         } else if !(builtin && SAFE_FUNCTIONS.binary_search(&name).is_ok()) {
             let full = if schema.is_empty() { name.to_owned() } else { format!("{schema}.{name}") };
-            self.out.facts.classes.insert(SqlClass::Exec);
+            // Not a class of its own: a grant may list the function (or allow `exec`, any function).
             self.out.facts.functions.insert(full);
         }
         // Arguments, FILTER, OVER, ORDER BY inside the call are walked like anything else.
@@ -752,8 +763,10 @@ mod tests {
 
     #[test]
     fn hidden_calls_and_writes_are_found() {
-        assert_eq!(classes("SELECT 1 LIMIT (SELECT lo_unlink(1))"), [Read, Exec]);
-        assert_eq!(classes("VALUES (pg_sleep(1))"), [Read, Exec]);
+        let f = classify("SELECT 1 LIMIT (SELECT lo_unlink(1))").unwrap().facts;
+        assert_eq!((f.effective_classes().into_iter().collect::<Vec<_>>(), f.functions.len()), (vec![Read, Exec], 1));
+        let f = classify("VALUES (pg_sleep(1))").unwrap().facts;
+        assert_eq!(f.functions.into_iter().collect::<Vec<_>>(), ["pg_sleep"]);
         assert_eq!(classes("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d"), [Read, Write]);
         assert_eq!(classes("SELECT count(*) OVER (PARTITION BY lower(x)) FROM t"), [Read]);
         let f = classify("SELECT public.evil(1)").unwrap().facts;

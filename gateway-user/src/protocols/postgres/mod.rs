@@ -112,11 +112,12 @@ pub struct Session<'a> {
     pub shared: &'a Shared,
 }
 
-/// Statement counts for the session record.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Counts {
-    pub allowed: u64,
-    pub denied: u64,
+/// What a session's record counts, filled in as the session runs (so it is right after an
+/// error or a cancellation too).
+struct Counters<'a> {
+    bytes_up: &'a mut u64,
+    allowed: &'a mut u64,
+    denied: &'a mut u64,
 }
 
 pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder) -> Result<(), PgSessionError> {
@@ -192,18 +193,21 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
     let mut frames = FramedRead::new(cr, FrameCodec::default());
     frames.read_buffer_mut().extend_from_slice(&leftover);
     let denials = Denials::default();
-    let mut counts = Counts::default();
+    rec.bytes_down += greeting.len() as u64;
+    let counters = Counters {
+        bytes_up: &mut rec.bytes_up,
+        allowed: &mut rec.statements_allowed,
+        denied: &mut rec.statements_denied,
+    };
     let judge = Judge {
         s,
         nonce: format!("chaperone_denied_{:08x}{:08x}", random_i32(), random_i32()),
         seq: AtomicU64::new(0),
     };
     let result = tokio::try_join!(
-        client_to_server(&mut frames, &mut uw, &judge, &denials, &mut counts),
-        server_to_client(&mut ur, &mut cw, up.leftover, &denials),
+        client_to_server(&mut frames, &mut uw, &judge, &denials, counters),
+        server_to_client(&mut ur, &mut cw, up.leftover, &denials, &mut rec.bytes_down),
     );
-    rec.statements_allowed = counts.allowed;
-    rec.statements_denied = counts.denied;
     if let Err(PgSessionError::Protocol(e)) = &result {
         let _ = send_error(&mut cw, &PgError::protocol_violation(&e.to_string())).await;
     }
@@ -387,7 +391,7 @@ impl Judge<'_> {
 
 /// What a refused statement does, for the error's DETAIL.
 fn describe(f: &Facts) -> String {
-    let classes: Vec<&str> = f.classes.iter().map(|c| c.as_str()).collect();
+    let classes: Vec<&str> = f.effective_classes().iter().map(|c| c.as_str()).collect();
     let mut d = format!("classes: {}", classes.join(", "));
     if !f.objects.is_empty() {
         let objs: Vec<String> = f.objects.iter().map(|o| format!("{} ({})", o.name, o.access.as_str())).collect();
@@ -407,12 +411,13 @@ async fn client_to_server(
     uw: &mut OwnedWriteHalf,
     judge: &Judge<'_>,
     denials: &Denials,
-    counts: &mut Counts,
+    counters: Counters<'_>,
 ) -> Result<(), PgSessionError> {
     let mut out = BytesMut::with_capacity(8192);
     let mut prepared: HashMap<String, Facts> = HashMap::new();
     while let Some(frame) = frames.next().await {
         let frame = frame?;
+        *counters.bytes_up += frame.raw.len() as u64;
         let verdict = match frame.tag {
             b'Q' => Some(judge.sql(codec::query_sql(&frame)?, &mut prepared)),
             b'P' => Some(judge.sql(codec::parse_sql(&frame)?.1, &mut prepared)),
@@ -432,11 +437,11 @@ async fn client_to_server(
         match verdict {
             None => out.extend_from_slice(&frame.raw),
             Some(Judgement::Allow) => {
-                counts.allowed += 1;
+                *counters.allowed += 1;
                 out.extend_from_slice(&frame.raw);
             }
             Some(Judgement::Deny(e)) => {
-                counts.denied += 1;
+                *counters.denied += 1;
                 let marker = judge.marker();
                 // A stand-in the server rejects with a syntax error that names the marker.
                 match frame.tag {
@@ -464,18 +469,19 @@ async fn server_to_client(
     cw: &mut OwnedWriteHalf,
     mut buf: BytesMut,
     denials: &Denials,
+    bytes_down: &mut u64,
 ) -> Result<(), PgSessionError> {
     loop {
         let end = codec::complete_frames(&buf, codec::MAX_FRAME_LEN).map_err(|e| {
             std::io::Error::new(std::io::ErrorKind::InvalidData, format!("server sent {e}"))
         })?;
         if end > 0 {
-            let chunk = buf.split_to(end);
+            let mut chunk = buf.split_to(end);
             if denials.any.load(Ordering::Acquire) {
-                cw.write_all(&rewrite_denials(chunk, denials)).await?;
-            } else {
-                cw.write_all(&chunk).await?;
+                chunk = rewrite_denials(chunk, denials);
             }
+            cw.write_all(&chunk).await?;
+            *bytes_down += chunk.len() as u64;
         }
         buf.reserve(64 * 1024);
         if ur.read_buf(&mut buf).await? == 0 {
