@@ -39,6 +39,8 @@ pub enum AppError {
     Record(#[from] crate::record::RecordError),
     #[error(transparent)]
     Secrets(#[from] crate::secrets::SecretsError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("binding the proxy listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -102,6 +104,15 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         Some(path) => crate::secrets::Secrets::load(path)?,
         None => Default::default(),
     };
+    let tls_acceptor = crate::tls::acceptor(
+        config.client_tls.as_ref().map(|t| (t.cert_file.as_path(), t.key_file.as_path())),
+    )?;
+    let mut tls_connectors = std::collections::HashMap::new();
+    for t in &config.targets {
+        if let Some(c) = crate::tls::connector(t.tls, t.tls_ca_file.as_deref())? {
+            tls_connectors.insert(t.name.clone(), c);
+        }
+    }
     let status = DaemonStatus {
         pid: std::process::id(),
         listen: [Some(&v4), v6.as_ref()]
@@ -128,7 +139,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             unlisted: config.unlisted,
             grants: config.grants.clone(),
         },
-        pg: crate::protocols::postgres::Shared::new(secrets),
+        pg: crate::protocols::postgres::Shared::new(secrets, Some(tls_acceptor), tls_connectors),
         redirect,
         agents: AgentResolver::new(tree),
         sink,

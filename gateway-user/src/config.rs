@@ -81,9 +81,23 @@ pub struct Target {
     /// PostgreSQL: the database this target serves (absent: the one the agent asks for).
     #[serde(default)]
     pub database: Option<String>,
+    /// TLS from the daemon to this target: disable, require, verify-full.
+    #[serde(default)]
+    pub tls: crate::tls::UpstreamTls,
+    /// CA certificates (PEM) for `tls: verify-full`.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Name to verify and send as SNI (default: the target's address).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
 }
 
 impl Target {
+    /// The name to verify the upstream's certificate against.
+    pub fn tls_name(&self) -> String {
+        self.tls_server_name.clone().unwrap_or_else(|| self.address.addr().to_string())
+    }
+
     /// Whether a connection to `dst` is for this target. IPv4-mapped IPv6 destinations match
     /// IPv4 targets: they reach the same server.
     pub fn matches(&self, dst: SocketAddr) -> bool {
@@ -97,6 +111,13 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -138,6 +159,10 @@ pub struct Config {
     /// Root-only file with the upstream credentials targets name.
     #[serde(default)]
     pub secrets_file: Option<PathBuf>,
+    /// Certificate and key (PEM) shown to agents that ask for TLS; absent: the daemon issues
+    /// itself one for localhost at start.
+    #[serde(default)]
+    pub client_tls: Option<ClientTls>,
     /// Where this configuration came from, for messages.
     #[serde(skip)]
     pub source: String,
@@ -225,6 +250,9 @@ impl Config {
             }
             if t.port == 0 {
                 return Err(invalid(format!("target `{}`: port 0 is not a port", t.name)));
+            }
+            if t.tls == crate::tls::UpstreamTls::VerifyFull && t.tls_ca_file.is_none() {
+                return Err(invalid(format!("target `{}`: tls: verify-full needs tls_ca_file", t.name)));
             }
             if t.protocol == ProtocolKind::Postgres && t.credential.is_none() {
                 return Err(invalid(format!(

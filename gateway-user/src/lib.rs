@@ -22,3 +22,4 @@ pub mod protocols;
 pub mod record;
 pub mod redirect;
 pub mod secrets;
+pub mod tls;

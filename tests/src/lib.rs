@@ -153,7 +153,10 @@ impl TestDaemon {
         let child = self
             .cmd()
             .arg("daemon")
-            .env("CHAPERONE_LOG", "info,chaperone=debug")
+            .env(
+                "CHAPERONE_LOG",
+                std::env::var("CHAPERONE_TEST_LOG").unwrap_or_else(|_| "info,chaperone=debug".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -551,6 +554,42 @@ impl Postgres {
         self.daemon_options_with_functions(&["pg_sleep"])
     }
 
+    /// Turn TLS on: a fresh CA and a server certificate it signs for 127.0.0.1 (made with
+    /// openssl), loaded by a configuration reload. Returns the CA certificate's path.
+    pub fn enable_tls(&self) -> PathBuf {
+        let data = self.dir.join("data");
+        let tag = unique();
+        let ca_key = self.dir.join(format!("ca-{tag}.key"));
+        let ca = self.dir.join(format!("ca-{tag}.crt"));
+        let csr = self.dir.join(format!("server-{tag}.csr"));
+        let ext = self.dir.join(format!("server-{tag}.ext"));
+        let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+        let openssl = |args: Vec<std::ffi::OsString>, what: &str| {
+            let out = Command::new("openssl").args(args).output().expect("openssl");
+            assert_ok(&out, what);
+        };
+        let os = |v: &[&dyn AsRef<std::ffi::OsStr>]| v.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let mut a = os(&[&"req", &"-x509", &"-days", &"2", &"-subj", &"/CN=chaperone-test-ca", &"-keyout", &ca_key, &"-out", &ca]);
+        a.extend(ec.iter().map(Into::into));
+        openssl(a, "openssl: CA");
+        let mut a = os(&[&"req", &"-subj", &"/CN=127.0.0.1", &"-keyout", &key, &"-out", &csr]);
+        a.extend(ec.iter().map(Into::into));
+        openssl(a, "openssl: server key and CSR");
+        openssl(
+            os(&[&"x509", &"-req", &"-in", &csr, &"-CA", &ca, &"-CAkey", &ca_key, &"-CAcreateserial", &"-days", &"2", &"-extfile", &ext, &"-out", &cert]),
+            "openssl: sign the server certificate",
+        );
+        set_mode(&key, 0o600);
+        chown_to_postgres(&key);
+        chown_to_postgres(&cert);
+        set_mode(&ca, 0o644);
+        self.psql_super("postgres", "ALTER SYSTEM SET ssl = on");
+        self.psql_super("postgres", "SELECT pg_reload_conf()");
+        ca
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
@@ -572,7 +611,7 @@ impl Drop for Postgres {
 }
 
 /// `runuser -u postgres -- PROGRAM`, in `cwd` (postgres cannot enter the test's directory).
-fn as_postgres(cwd: &Path, program: &str) -> Command {
+pub fn as_postgres(cwd: &Path, program: &str) -> Command {
     let mut c = Command::new("runuser");
     c.args(["-u", "postgres", "--", program]).current_dir(cwd);
     c

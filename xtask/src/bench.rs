@@ -1,13 +1,17 @@
-//! `cargo xtask bench relay`: the cost of interception, measured against a direct connection in
-//! the same run on the same machine. Figures, not pass/fail: benchmarks never gate tests.
+//! Benchmarks: the cost of interception, measured against baselines in the same run on the same
+//! machine. Figures, not pass/fail: benchmarks never gate tests.
 //!
+//! `relay`: the same client runs directly and as an agent (`chaperone run`) against the same
+//! servers, with a release-built daemon:
 //! - new short connection: connect, 1-byte round trip, close; 2,000 sequential; p50 and p99
 //! - bulk: one connection streams 2 GiB to a sink; GB/s
 //!
-//! The same client code runs twice: once directly, once as an agent (`chaperone run`), against
-//! the same servers, with a release-built daemon.
+//! `pg`: `pgbench -S` (10 clients, simple and prepared) against one PostgreSQL 15, directly,
+//! through PgBouncer (transaction mode) and through Chaperone (read-only policy, every landed
+//! feature on: classification, policy, session records); TPS, mean latency and ratios.
 
 use anyhow::{Context as _, Result, bail};
+use chaperone_tests::{Postgres, TestDaemon};
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -142,5 +146,136 @@ pub fn relay(chaperone: &Path, client_bin: &Path) -> Result<()> {
     println!("{:<34} {:>10.1} {:>12.1} {:>+11.1}", "connect+1B round trip p99 (µs)", direct[1], via[1], via[1] - direct[1]);
     println!("{:<34} {:>10.2} {:>12.2} {:>10.0} %", "bulk throughput (GB/s)", direct[2], via[2], via[2] / direct[2] * 100.0);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// One pgbench run's figures.
+#[derive(Clone, Copy)]
+struct PgFigures {
+    tps: f64,
+    latency_ms: f64,
+}
+
+fn pgbench(cmd: &mut Command) -> Result<PgFigures> {
+    let out = cmd.output().context("running pgbench")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("pgbench failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+    }
+    let find = |prefix: &str| -> Result<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no `{prefix}` in pgbench output:\n{text}"))
+    };
+    Ok(PgFigures {
+        tps: find("tps = ")?,
+        latency_ms: find("latency average = ")?,
+    })
+}
+
+const PG_CLIENTS: &str = "10";
+const PG_SECONDS: &str = "15";
+
+fn pgbench_args(mode: &str, port: u16, user: &str) -> Vec<String> {
+    ["-n", "-S", "-M", mode, "-c", PG_CLIENTS, "-j", "2", "-T", PG_SECONDS, "-h", "127.0.0.1", "-p"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([port.to_string(), "-U".into(), user.into(), "app".into()])
+        .collect()
+}
+
+/// PgBouncer in transaction mode in front of `pg`, as the `postgres` OS user (it refuses root).
+fn start_pgbouncer(pg: &Postgres, dir: &Path) -> Result<(crate::Guard, u16)> {
+    let port = chaperone_tests::free_port();
+    std::fs::write(dir.join("userlist.txt"), format!("\"agent_ro\" \"{}\"\n", pg.ro_password))?;
+    std::fs::write(
+        dir.join("pgbouncer.ini"),
+        format!(
+            "[databases]\napp = host=127.0.0.1 port={} dbname=app\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = scram-sha-256\nauth_file = {}\npool_mode = transaction\n\
+             max_client_conn = 100\ndefault_pool_size = 10\nlogfile = {}\npidfile = {}\n",
+            pg.port,
+            dir.join("userlist.txt").display(),
+            dir.join("pgbouncer.log").display(),
+            dir.join("pgbouncer.pid").display()
+        ),
+    )?;
+    Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir).status()?;
+    let child = chaperone_tests::as_postgres(dir, "pgbouncer").arg(dir.join("pgbouncer.ini")).spawn()?;
+    let guard = crate::Guard(child);
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("pgbouncer did not start; see {}", dir.join("pgbouncer.log").display());
+        }
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok((guard, port))
+}
+
+pub fn pg(chaperone: &Path) -> Result<()> {
+    // The harness starts daemons from $CHAPERONE_BIN: the release build.
+    // SAFETY: set before any thread of ours starts.
+    unsafe {
+        std::env::set_var("CHAPERONE_BIN", chaperone);
+        // Production logging: per-statement debug lines are off.
+        std::env::set_var("CHAPERONE_TEST_LOG", "info");
+    }
+    let pg = Postgres::start();
+    let dir = std::env::temp_dir().join(format!("chaperone-bench-pg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (bouncer, bouncer_port) = start_pgbouncer(&pg, &dir)?;
+    let daemon = TestDaemon::start(pg.daemon_options_with_functions(&[]));
+
+    let mut rows = Vec::new();
+    for mode in ["simple", "prepared"] {
+        let direct = pgbench(
+            Command::new("pgbench")
+                .args(pgbench_args(mode, pg.port, "agent_ro"))
+                .env("PGPASSWORD", &pg.ro_password)
+                .env("PGSSLMODE", "disable"),
+        )?;
+        // PgBouncer 1.18 (Debian 12) has no prepared statements in transaction mode.
+        let bouncer = (mode == "simple")
+            .then(|| {
+                pgbench(
+                    Command::new("pgbench")
+                        .args(pgbench_args(mode, bouncer_port, "agent_ro"))
+                        .env("PGPASSWORD", &pg.ro_password)
+                        .env("PGSSLMODE", "disable"),
+                )
+            })
+            .transpose()?;
+        let via = pgbench(
+            daemon
+                .cmd()
+                .args(["run", "--as", "agent", "--user", "nobody", "--", "pgbench"])
+                .args(pgbench_args(mode, pg.port, "agent"))
+                .env("PGSSLMODE", "disable"),
+        )?;
+        rows.push((mode, direct, bouncer, via));
+    }
+    drop(bouncer);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("\npgbench -S, {PG_CLIENTS} clients, {PG_SECONDS} s each, same PostgreSQL 15, same run (TPS / mean latency)");
+    println!("{:<10} {:>20} {:>28} {:>28}", "mode", "direct", "PgBouncer (transaction)", "Chaperone (read-only policy)");
+    for (mode, d, b, c) in rows {
+        let cell = |f: PgFigures| {
+            format!("{:>8.0} {:>5.3} ms {:>4.0}%", f.tps, f.latency_ms, f.tps / d.tps * 100.0)
+        };
+        let b = b.map_or("n/a (1.18: no prepared)".to_string(), cell);
+        println!("{:<10} {:>8.0} {:>5.3} ms {:>28} {:>28}", mode, d.tps, d.latency_ms, b, cell(c));
+        println!(
+            "{:<10} {:>20} {:>28} {:>28}",
+            "",
+            "",
+            "",
+            format!("latency {:+.1} µs", (c.latency_ms - d.latency_ms) * 1000.0)
+        );
+    }
     Ok(())
 }

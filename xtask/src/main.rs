@@ -54,18 +54,23 @@ enum Task {
 enum BenchKind {
     /// New-connection latency and bulk throughput, direct vs through the proxy.
     Relay,
+    /// pgbench -S direct, through PgBouncer and through Chaperone.
+    Pg,
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Task::Setup => setup(),
-        Task::Bench { what: BenchKind::Relay } => {
+        Task::Bench { what } => {
             require_root()?;
             setup()?;
             // Release builds of both the daemon and the benchmark client.
             run(cargo().args(["build", "--release", "-p", "gateway-user", "-p", "xtask"]))?;
             let release = root().join("target/release");
-            bench::relay(&release.join("chaperone"), &release.join("xtask"))
+            match what {
+                BenchKind::Relay => bench::relay(&release.join("chaperone"), &release.join("xtask")),
+                BenchKind::Pg => bench::pg(&release.join("chaperone")),
+            }
         }
         Task::BenchClient { echo, sink } => bench::client(echo, sink),
         Task::Demo { keep } => demo(keep),

@@ -18,10 +18,14 @@ use std::{
 };
 
 /// Who the agent runs as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Account {
     uid: libc::uid_t,
     gid: libc::gid_t,
+    /// Name and home directory, for USER/LOGNAME/HOME: tools read their dotfiles there, and
+    /// the invoking root's home is not theirs to read.
+    name: Option<String>,
+    home: Option<String>,
 }
 
 pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
@@ -36,14 +40,24 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut cmd = Command::new(program);
     cmd.args(rest);
+    if let Some(a) = &account {
+        if let Some(name) = &a.name {
+            cmd.env("USER", name).env("LOGNAME", name);
+        }
+        match &a.home {
+            Some(home) => cmd.env("HOME", home),
+            None => cmd.env_remove("HOME"),
+        };
+    }
+    let account = account.map(|a| (a.uid, a.gid));
     // SAFETY: the closure only makes async-signal-safe calls (open, write, close, syscall,
     // setgroups/setgid/setuid, prctl, signal).
     unsafe {
         cmd.pre_exec(move || {
             join_cgroup(&procs)?;
             cloexec_inherited_fds()?;
-            if let Some(a) = account {
-                drop_privileges(a)?;
+            if let Some((uid, gid)) = account {
+                drop_privileges(uid, gid)?;
             }
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGQUIT, libc::SIG_DFL);
@@ -78,9 +92,16 @@ fn resolve_account(args: &RunArgs) -> anyhow::Result<Option<Account>> {
         return Ok(None);
     }
     if let (Ok(uid), Ok(gid)) = (std::env::var("SUDO_UID"), std::env::var("SUDO_GID")) {
-        if let (Ok(uid), Ok(gid)) = (uid.parse(), gid.parse()) {
+        if let Ok(uid) = uid.parse::<libc::uid_t>() {
             if uid != 0 {
-                return Ok(Some(Account { uid, gid }));
+                let mut a = lookup_user(&uid.to_string()).unwrap_or(Account {
+                    uid,
+                    gid: 0,
+                    name: None,
+                    home: None,
+                });
+                a.gid = gid.parse().unwrap_or(a.gid);
+                return Ok(Some(a));
             }
         }
     }
@@ -102,12 +123,15 @@ fn lookup_user(user: &str) -> anyhow::Result<Account> {
     if pw.is_null() {
         bail!("no such user `{user}`");
     }
-    // SAFETY: non-null passwd entry.
-    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    // SAFETY: non-null passwd entry whose strings are NUL-terminated.
+    let (uid, gid, name, home) = unsafe {
+        let s = |p: *const libc::c_char| (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned());
+        ((*pw).pw_uid, (*pw).pw_gid, s((*pw).pw_name), s((*pw).pw_dir))
+    };
     if uid == 0 {
         bail!("--user {user} is root; use --allow-root if that is really meant");
     }
-    Ok(Account { uid, gid })
+    Ok(Account { uid, gid, name, home })
 }
 
 /// Move the calling process into the cgroup whose `cgroup.procs` is `procs`.
@@ -137,13 +161,13 @@ fn cloexec_inherited_fds() -> std::io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
-fn drop_privileges(a: Account) -> std::io::Result<()> {
+fn drop_privileges(uid: libc::uid_t, gid: libc::gid_t) -> std::io::Result<()> {
     let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
     // SAFETY: credential syscalls in the child between fork and exec.
     unsafe {
         check(libc::setgroups(0, std::ptr::null()))?;
-        check(libc::setgid(a.gid))?;
-        check(libc::setuid(a.uid))?;
+        check(libc::setgid(gid))?;
+        check(libc::setuid(uid))?;
         // No setuid binary can hand the agent its privileges back.
         check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
     }

@@ -176,6 +176,9 @@ mod tests {
             port: 5432,
             credential: None,
             database: None,
+            tls: Default::default(),
+            tls_ca_file: None,
+            tls_server_name: None,
         };
         let dst: SocketAddr = "127.0.0.1:5432".parse().unwrap();
         let subject = Subject { agent: None };

@@ -71,7 +71,23 @@ async fn dial(addr: SocketAddr) -> Result<TcpStream, ProtocolError> {
 
 /// Make the agent's already-established connection fail at once (a reset) when it is dropped.
 pub fn refuse(stream: &TcpStream) {
-    let _ = stream.set_zero_linger();
+    reset_on_close(std::os::fd::AsRawFd::as_raw_fd(stream));
+}
+
+/// Have the socket behind `fd` send a reset, not a FIN, when it is closed (SO_LINGER 0): an abort
+/// must reach the peer as an abort. Works under TLS too, where the TcpStream is wrapped.
+pub fn reset_on_close(fd: std::os::fd::RawFd) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a socket fd the caller keeps open, with a correctly sized struct.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Protocol name as recorded.

@@ -39,14 +39,13 @@ use std::{
     },
     time::Duration,
 };
+use std::os::fd::AsRawFd;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf},
+    net::TcpStream,
 };
-use tokio_util::codec::FramedRead;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::codec::{Decoder, FramedRead};
 use tracing::{debug, info, warn};
 
 /// How long a client may take to finish its startup.
@@ -71,21 +70,36 @@ pub enum PgSessionError {
     Io(#[from] std::io::Error),
     #[error("client did not finish its startup in {STARTUP_TIMEOUT:?}")]
     StartupTimeout,
+    #[error("TLS with the agent: {0}")]
+    ClientTls(std::io::Error),
+    #[error("target `{0}`: bad tls_server_name: {1}")]
+    TlsName(String, crate::tls::TlsError),
 }
+
+/// A byte stream either side: plain TCP, or TLS over it.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub type BoxStream = Box<dyn Stream>;
 
 /// State shared by every PostgreSQL session of the daemon.
 #[derive(Default)]
 pub struct Shared {
     pub cache: cache::StatementCache,
     pub secrets: Secrets,
+    /// Serves agents that ask for TLS; `None`: they are told `N`.
+    pub tls_acceptor: Option<TlsAcceptor>,
+    /// Per target name, for targets with upstream TLS.
+    pub tls_connectors: HashMap<String, TlsConnector>,
     /// Proxy-issued cancel key → the upstream backend that key stands for.
     cancels: Mutex<HashMap<(i32, i32), (SocketAddr, i32, i32)>>,
 }
 
 impl Shared {
-    pub fn new(secrets: Secrets) -> Self {
+    pub fn new(secrets: Secrets, tls_acceptor: Option<TlsAcceptor>, tls_connectors: HashMap<String, TlsConnector>) -> Self {
         Self {
             secrets,
+            tls_acceptor,
+            tls_connectors,
             ..Default::default()
         }
     }
@@ -121,9 +135,18 @@ struct Counters<'a> {
 }
 
 pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder) -> Result<(), PgSessionError> {
-    let (cr, mut cw) = client.into_split();
-    let mut startup = FramedRead::new(cr, StartupCodec);
-    let (minor, params) = match tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut startup, &mut cw, s)).await {
+    let client_fd = client.as_raw_fd();
+    let mut slot: Option<BoxStream> = Some(Box::new(client));
+    let mut buf = BytesMut::with_capacity(1024);
+    let started = tokio::time::timeout(STARTUP_TIMEOUT, read_startup(&mut slot, &mut buf, s)).await;
+    let Some(mut cw) = slot else {
+        // The TLS handshake with the agent failed: nothing to answer on.
+        return match started {
+            Ok(Err(e)) => Err(e),
+            _ => Err(PgSessionError::StartupTimeout),
+        };
+    };
+    let (minor, params) = match started {
         Err(_) => return Err(PgSessionError::StartupTimeout),
         Ok(Err(e)) => {
             if let PgSessionError::Protocol(c) = &e {
@@ -134,8 +157,6 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
         Ok(Ok(None)) => return Ok(()), // a cancel request, served
         Ok(Ok(Some(p))) => p,
     };
-    let leftover = startup.read_buffer_mut().split();
-    let cr = startup.into_inner();
 
     let checked = match check_startup(s, &params) {
         Ok(c) => c,
@@ -155,7 +176,15 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
         // Defence in depth: even a statement the classifier got wrong cannot write.
         extra.push(("default_transaction_read_only".into(), "on".into()));
     }
-    let up = match upstream::login(s.upstream, cred, &checked.database, &extra).await {
+    let tls = match s.shared.tls_connectors.get(&s.target.name) {
+        None => None,
+        Some(c) => Some((
+            c,
+            crate::tls::server_name(&s.target.tls_name())
+                .map_err(|e| PgSessionError::TlsName(s.target.name.clone(), e))?,
+        )),
+    };
+    let up = match upstream::login(s.upstream, tls, cred, &checked.database, &extra).await {
         Ok(u) => u,
         Err(source) => {
             send_error(&mut cw, &PgError::upstream_unavailable(&s.target.name)).await?;
@@ -189,9 +218,11 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
     cw.write_all(&greeting).await?;
     debug!(database = %checked.database, "postgres session ready");
 
-    let (mut ur, mut uw) = up.stream.into_split();
+    let upstream_fd = up.fd;
+    let (cr, mut cw) = tokio::io::split(cw);
+    let (mut ur, mut uw) = tokio::io::split(up.stream);
     let mut frames = FramedRead::new(cr, FrameCodec::default());
-    frames.read_buffer_mut().extend_from_slice(&leftover);
+    frames.read_buffer_mut().extend_from_slice(&buf);
     let denials = Denials::default();
     rec.bytes_down += greeting.len() as u64;
     let counters = Counters {
@@ -208,29 +239,57 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
         client_to_server(&mut frames, &mut uw, &judge, &denials, counters),
         server_to_client(&mut ur, &mut cw, up.leftover, &denials, &mut rec.bytes_down),
     );
-    if let Err(PgSessionError::Protocol(e)) = &result {
-        let _ = send_error(&mut cw, &PgError::protocol_violation(&e.to_string())).await;
-    }
-    if result.is_err() {
-        let _ = cw.as_ref().set_zero_linger();
-        let _ = uw.as_ref().set_zero_linger();
+    match &result {
+        // The agent broke the protocol: tell it why, then close in order (as PostgreSQL does).
+        Err(PgSessionError::Protocol(e)) => {
+            let _ = send_error(&mut cw, &PgError::protocol_violation(&e.to_string())).await;
+            let _ = cw.shutdown().await;
+            super::reset_on_close(upstream_fd);
+        }
+        // One side aborted: the other must see an abort, not a clean end.
+        Err(_) => {
+            super::reset_on_close(client_fd);
+            super::reset_on_close(upstream_fd);
+        }
+        Ok(_) => {}
     }
     result.map(drop)
 }
 
-/// Read startup packets until a StartupMessage (`Some`) or a served CancelRequest (`None`).
+/// Read startup packets until a StartupMessage (`Some`) or a served CancelRequest (`None`),
+/// upgrading the agent's stream to TLS in `slot` if it asks and we serve TLS. Bytes read past
+/// the startup stay in `buf`.
 async fn read_startup(
-    startup: &mut FramedRead<OwnedReadHalf, StartupCodec>,
-    cw: &mut OwnedWriteHalf,
+    slot: &mut Option<BoxStream>,
+    buf: &mut BytesMut,
     s: &Session<'_>,
 ) -> Result<Option<(u16, Vec<(String, String)>)>, PgSessionError> {
+    let mut codec = StartupCodec;
+    let mut encrypted = false;
     loop {
-        match startup.next().await {
-            None => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
-            Some(Err(e)) => return Err(e.into()),
-            // No TLS or GSS encryption on the loopback hop: the client continues in the clear.
-            Some(Ok(Startup::Ssl | Startup::GssEnc)) => cw.write_all(b"N").await?,
-            Some(Ok(Startup::Cancel { pid, key })) => {
+        let stream = slot.as_mut().expect("the stream is only taken for the TLS upgrade");
+        let packet = loop {
+            if let Some(p) = codec.decode(buf)? {
+                break p;
+            }
+            if stream.read_buf(buf).await? == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        };
+        match packet {
+            // TLS only as the very next thing on the wire: bytes already sent after the
+            // request would otherwise bypass the handshake.
+            Startup::Ssl if !encrypted && buf.is_empty() && s.shared.tls_acceptor.is_some() => {
+                stream.write_all(b"S").await?;
+                let plain = slot.take().expect("present");
+                let acceptor = s.shared.tls_acceptor.as_ref().expect("checked");
+                let tls = acceptor.accept(plain).await.map_err(PgSessionError::ClientTls)?;
+                *slot = Some(Box::new(tls));
+                encrypted = true;
+            }
+            // Otherwise the client continues in the clear (no GSS encryption at all).
+            Startup::Ssl | Startup::GssEnc => stream.write_all(b"N").await?,
+            Startup::Cancel { pid, key } => {
                 let backend = s.shared.cancels.lock().unwrap().get(&(pid, key)).copied();
                 match backend {
                     Some((addr, pid, key)) => {
@@ -241,7 +300,7 @@ async fn read_startup(
                 }
                 return Ok(None);
             }
-            Some(Ok(Startup::Startup { minor, params })) => return Ok(Some((minor, params))),
+            Startup::Startup { minor, params } => return Ok(Some((minor, params))),
         }
     }
 }
@@ -293,7 +352,7 @@ fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<Checked
     Ok(CheckedStartup { database, forward })
 }
 
-async fn send_error(cw: &mut OwnedWriteHalf, e: &PgError) -> std::io::Result<()> {
+async fn send_error(cw: &mut (impl AsyncWrite + Unpin), e: &PgError) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     e.encode(&mut buf);
     cw.write_all(&buf).await
@@ -407,8 +466,8 @@ fn describe(f: &Facts) -> String {
 }
 
 async fn client_to_server(
-    frames: &mut FramedRead<OwnedReadHalf, FrameCodec>,
-    uw: &mut OwnedWriteHalf,
+    frames: &mut FramedRead<ReadHalf<BoxStream>, FrameCodec>,
+    uw: &mut (impl AsyncWrite + Unpin),
     judge: &Judge<'_>,
     denials: &Denials,
     counters: Counters<'_>,
@@ -465,8 +524,8 @@ async fn client_to_server(
 }
 
 async fn server_to_client(
-    ur: &mut OwnedReadHalf,
-    cw: &mut OwnedWriteHalf,
+    ur: &mut (impl AsyncRead + Unpin),
+    cw: &mut (impl AsyncWrite + Unpin),
     mut buf: BytesMut,
     denials: &Denials,
     bytes_down: &mut u64,
@@ -495,7 +554,7 @@ async fn server_to_client(
 fn rewrite_denials(mut chunk: BytesMut, denials: &Denials) -> BytesMut {
     let mut out = BytesMut::with_capacity(chunk.len());
     let mut codec = FrameCodec::default();
-    while let Ok(Some(frame)) = tokio_util::codec::Decoder::decode(&mut codec, &mut chunk) {
+    while let Ok(Some(frame)) = codec.decode(&mut chunk) {
         match (frame.tag, denials.take_for_if_error(&frame)) {
             (b'E', Some(e)) => e.encode(&mut out),
             _ => out.extend_from_slice(&frame.raw),
@@ -534,6 +593,9 @@ mod tests {
             port: 5432,
             credential: Some("c".into()),
             database: database.map(str::to_owned),
+            tls: Default::default(),
+            tls_ca_file: None,
+            tls_server_name: None,
         }
     }
 

@@ -2,8 +2,12 @@
 //! md5 or cleartext, whatever the server asks for). The agent's startup never reaches the
 //! server: the agent cannot choose the role, and never sees the password.
 
+use super::BoxStream;
 use crate::secrets::Credential;
 use bytes::BytesMut;
+use rustls::pki_types::ServerName;
+use std::os::fd::{AsRawFd, RawFd};
+use tokio_rustls::TlsConnector;
 use postgres_protocol::{
     authentication::{md5_hash, sasl},
     message::{backend::Message, frontend},
@@ -30,11 +34,22 @@ pub enum UpstreamError {
     Unsupported(&'static str),
     #[error("unexpected message during login")]
     Unexpected,
+    #[error("the server does not offer TLS, which the target requires")]
+    NoTls,
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
 }
+
+/// TLS to use for the login: the connector and the name to verify.
+pub type UpstreamTls<'a> = Option<(&'a TlsConnector, ServerName<'static>)>;
+
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 /// A logged-in upstream session, ready for queries.
 pub struct Upstream {
-    pub stream: TcpStream,
+    pub stream: BoxStream,
+    /// The TCP socket under `stream` (for a reset on abort).
+    pub fd: RawFd,
     /// Bytes read past the login (nothing, normally: the server waits for us after ReadyForQuery).
     pub leftover: BytesMut,
     pub parameters: Vec<(String, String)>,
@@ -43,25 +58,45 @@ pub struct Upstream {
 
 pub async fn login(
     addr: SocketAddr,
+    tls: UpstreamTls<'_>,
     cred: &Credential,
     database: &str,
     extra: &[(String, String)],
 ) -> Result<Upstream, UpstreamError> {
-    tokio::time::timeout(LOGIN_TIMEOUT, login_inner(addr, cred, database, extra))
+    tokio::time::timeout(LOGIN_TIMEOUT, login_inner(addr, tls, cred, database, extra))
         .await
         .map_err(|_| UpstreamError::Timeout { addr })?
 }
 
 async fn login_inner(
     addr: SocketAddr,
+    tls: UpstreamTls<'_>,
     cred: &Credential,
     database: &str,
     extra: &[(String, String)],
 ) -> Result<Upstream, UpstreamError> {
-    let mut stream = TcpStream::connect(addr)
+    let mut tcp = TcpStream::connect(addr)
         .await
         .map_err(|source| UpstreamError::Connect { addr, source })?;
-    stream.set_nodelay(true)?;
+    tcp.set_nodelay(true)?;
+    let fd = tcp.as_raw_fd();
+    let mut stream: BoxStream = match tls {
+        None => Box::new(tcp),
+        Some((connector, name)) => {
+            tcp.write_all(&SSL_REQUEST).await?;
+            let mut answer = [0u8; 1];
+            tcp.read_exact(&mut answer).await?;
+            if answer[0] != b'S' {
+                // Fail closed: never fall back to cleartext for a target that requires TLS.
+                return Err(UpstreamError::NoTls);
+            }
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|source| UpstreamError::Tls { addr, source })?;
+            Box::new(tls)
+        }
+    };
     let mut out = BytesMut::new();
     let mut params: Vec<(&str, &str)> = vec![("user", &cred.user), ("database", database)];
     params.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -133,6 +168,7 @@ async fn login_inner(
             Message::ReadyForQuery(_) => {
                 return Ok(Upstream {
                     stream,
+                    fd,
                     leftover: buf,
                     parameters,
                     backend_key,
