@@ -203,7 +203,14 @@ fn start_pgbouncer(pg: &Postgres, dir: &Path) -> Result<(crate::Guard, u16)> {
         ),
     )?;
     Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir).status()?;
-    let child = chaperone_tests::as_postgres(dir, "pgbouncer").arg(dir.join("pgbouncer.ini")).spawn()?;
+    // setpriv execs in place (runuser would fork and outlive the kill of its pid).
+    let child = Command::new("setpriv")
+        .args(["--reuid=postgres", "--regid=postgres", "--clear-groups", "pgbouncer", "-q"])
+        .arg(dir.join("pgbouncer.ini"))
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
     let guard = crate::Guard(child);
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
