@@ -109,6 +109,10 @@ SET standard_conforming_strings = off
 -- deny
 SET row_security = off
 -- deny
+SET client_encoding = 'SJIS'
+-- deny
+SET NAMES 'BIG5'
+-- deny
 SELECT set_config('search_path', 'evil', false)
 -- deny
 SELECT pg_catalog.set_config('role', 'postgres', false)

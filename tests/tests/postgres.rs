@@ -688,3 +688,21 @@ fn the_credential_never_leaks_and_sessions_are_recorded_as_postgres() {
     // Nor did any agent see it (psql's output, the server's parameter statuses).
     assert!(!stdout(&o).contains(pw.as_str()) && !stderr(&o).contains(pw.as_str()));
 }
+
+/// SJIS (and BIG5, GBK…) can swallow a backslash into a multibyte character: with such a client
+/// encoding the server would read `E'…\'…'` differently from the classifier. Refused at startup
+/// and as a SET.
+#[test]
+fn client_encodings_that_change_how_bytes_parse_are_refused() {
+    if skip_unless_root("client_encodings_that_change_how_bytes_parse_are_refused") {
+        return;
+    }
+    let e = env();
+    let o = e.psql("client_encoding=SJIS", &["-c", "SELECT 1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    assert!(stderr(&o).contains("client_encoding `SJIS` is not allowed"), "{}", show(&o));
+    let o = e.psql("", &["-c", "SET client_encoding = 'SJIS'", "-c", "SHOW client_encoding"]);
+    assert!(stderr(&o).contains(DENIED), "{}", show(&o));
+    assert_eq!(stdout(&o).trim(), "UTF8", "the encoding did not change: {}", show(&o));
+    assert_eq!(e.psql_ok(&["-c", "SELECT 1"]).trim(), "1", "UTF8 clients work");
+}

@@ -659,12 +659,13 @@ fn transaction_class(obj: &Map<String, Value>) -> SqlClass {
 
 /// Session parameters an agent may set: output formats, timeouts, names. Not here on purpose:
 /// role, session_authorization, search_path, default_transaction_read_only,
-/// transaction_read_only, standard_conforming_strings and backslash_quote (they change how
-/// strings parse: a parser differential), row_security, and anything not listed.
+/// transaction_read_only, row_security; and standard_conforming_strings, backslash_quote and
+/// client_encoding, which change how the server reads the bytes of later statements (SJIS, BIG5
+/// or GBK can swallow a backslash into a multibyte character): a parser differential with the
+/// classifier, which reads UTF-8. Also anything not listed.
 const SAFE_SETTINGS: &[&str] = &[
     "application_name",
     "bytea_output",
-    "client_encoding",
     "client_min_messages",
     "datestyle",
     "extra_float_digits",

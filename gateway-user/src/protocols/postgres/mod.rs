@@ -328,6 +328,12 @@ fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<Checked
             "options" if v.trim().is_empty() => {}
             "replication" if matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") => {}
             k if k.starts_with("_pq_.") => {} // protocol extensions: negotiated away
+            "client_encoding" if !same_bytes_as_utf8(v) => {
+                return Err(PgError::startup_refused(
+                    "22023",
+                    format!("client_encoding `{v}` is not allowed through this proxy: use UTF8"),
+                ));
+            }
             k if FORWARDED_PARAMS.contains(&k) => forward.push((k.to_string(), v.clone())),
             _ => {
                 return Err(PgError::startup_refused(
@@ -350,6 +356,15 @@ fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<Checked
         (None, None) => return Err(PgError::startup_refused("3D000", "no database named in the startup".into())),
     };
     Ok(CheckedStartup { database, forward })
+}
+
+/// Client encodings in which every ASCII byte is an ASCII character, as in UTF-8: the server
+/// then sees the same quotes and backslashes the classifier sees. Not SJIS, BIG5, GBK, GB18030,
+/// UHC or JOHAB, whose multibyte characters can end in `\\` or other ASCII bytes.
+fn same_bytes_as_utf8(encoding: &str) -> bool {
+    let e: String = encoding.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
+    matches!(e.as_str(), "utf8" | "unicode" | "sqlascii" | "koi8r" | "koi8u" | "win866" | "win874" | "alt")
+        || ["latin", "iso8859", "win125", "euc"].iter().any(|p| e.starts_with(p))
 }
 
 async fn send_error(cw: &mut (impl AsyncWrite + Unpin), e: &PgError) -> std::io::Result<()> {
@@ -630,6 +645,13 @@ mod tests {
         ] {
             let e = check(Some("app"), &[("user", "x"), bad]).err().unwrap_or_else(|| panic!("{bad:?} passed"));
             assert!(e.fatal && e.code == "42501", "{bad:?}: {e:?}");
+        }
+        for enc in ["SJIS", "big5", "GBK", "gb18030", "UHC", "johab", "Shift_JIS_2004"] {
+            let e = check(Some("app"), &[("database", "app"), ("client_encoding", enc)]).err();
+            assert_eq!(e.map(|e| e.code), Some("22023"), "{enc}");
+        }
+        for enc in ["UTF8", "utf-8", "SQL_ASCII", "LATIN1", "EUC_JP", "WIN1252"] {
+            assert!(check(Some("app"), &[("database", "app"), ("client_encoding", enc)]).is_ok(), "{enc}");
         }
         let ok = check(Some("app"), &[("user", "x"), ("database", "app"), ("application_name", "psql"), ("options", ""), ("replication", "false")]).unwrap();
         assert_eq!(ok.database, "app");
