@@ -34,15 +34,36 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path}:{line}:{column}: {message}")]
-    Parse {
-        path: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    #[error(transparent)]
+    Parse(#[from] YamlError),
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+}
+
+/// A YAML file that does not parse, with where.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}:{line}:{column}: {message}")]
+pub struct YamlError {
+    pub path: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// Parse YAML, locating errors. With `redact`, the message keeps only its first clause:
+/// serde_yaml can quote the offending value, which in a secrets file is a password.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, path: &str, redact: bool) -> Result<T, YamlError> {
+    serde_yaml::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
+        let message = e.to_string();
+        let message = if redact { message.split(':').next().unwrap_or("invalid").to_string() } else { message };
+        YamlError {
+            path: path.to_string(),
+            line,
+            column,
+            message,
+        }
+    })
 }
 
 /// What to do with an agent connection to a destination no target names.
@@ -206,15 +227,7 @@ fn addr_or_net<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
 impl Config {
     /// Parse a configuration from text; `source` names it in errors.
     pub fn parse(text: &str, source: &str) -> Result<Self, ConfigError> {
-        let mut cfg: Config = serde_yaml::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            ConfigError::Parse {
-                path: source.to_string(),
-                line,
-                column,
-                message: e.to_string(),
-            }
-        })?;
+        let mut cfg: Config = parse_yaml(text, source, false)?;
         cfg.source = source.to_string();
         cfg.validate()?;
         Ok(cfg)

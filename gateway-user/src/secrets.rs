@@ -16,13 +16,8 @@ pub enum SecretsError {
     Read { path: String, source: std::io::Error },
     #[error("{path}: mode {mode:o} lets group or others read it; chmod 600 it")]
     Exposed { path: String, mode: u32 },
-    #[error("{path}:{line}:{column}: {message}")]
-    Parse {
-        path: String,
-        line: usize,
-        column: usize,
-        message: String,
-    },
+    #[error(transparent)]
+    Parse(#[from] crate::config::YamlError),
 }
 
 #[derive(Clone, Deserialize)]
@@ -58,17 +53,8 @@ impl Secrets {
             return Err(SecretsError::Exposed { path: display, mode });
         }
         let text = std::fs::read_to_string(path).map_err(read_err)?;
-        serde_yaml::from_str(&text).map_err(|e| {
-            let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
-            // serde_yaml messages can quote the offending value: never echo the file's content.
-            let message = e.to_string().split(':').next().unwrap_or("invalid secrets file").to_string();
-            SecretsError::Parse {
-                path: display.clone(),
-                line,
-                column,
-                message,
-            }
-        })
+        // serde_yaml messages can quote the offending value: never echo the file's content.
+        Ok(crate::config::parse_yaml(&text, &display, true)?)
     }
 
     pub fn get(&self, name: &str) -> Option<&Credential> {
