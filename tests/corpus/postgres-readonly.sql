@@ -224,3 +224,16 @@ SELECT 'unterminated
 CREATE RULE r AS ON SELECT TO users DO INSTEAD NOTHING
 -- deny
 WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) INSERT INTO users SELECT n, 'x' FROM r
+-- deny
+PREPARE TRANSACTION ''
+-- deny
+COMMIT PREPARED ''
+-- deny
+COPY users TO ''
+-- deny
+WITH users AS (SELECT 1) DELETE FROM users
+-- deny
+WITH secret_schema AS (SELECT 1), t AS (SELECT * FROM secret_schema.t) SELECT * FROM t
+-- deny
+SELECT /*t5*/ --'
+'; SET default_transaction_read_only = off; SELECT '--'

@@ -195,13 +195,38 @@ pub fn classify(sql: &str) -> Result<Classified, ClassifyError> {
 
 fn classify_with(sql: &str, opts: ParserOptions) -> Result<Classified, ClassifyError> {
     let parsed = pg_query::parse(sql, opts).map_err(|e| ClassifyError::Parse(e.to_string()))?;
-    let mut w = Walker::default();
+    let mut w = Walker {
+        stdio_tokens: stdio_tokens(sql),
+        ..Walker::default()
+    };
     for raw in &parsed.protobuf.stmts {
+        let start = raw.stmt_location.max(0) as usize;
+        let end = if raw.stmt_len > 0 { start + raw.stmt_len as usize } else { sql.len() };
+        w.stmt_range = (start, end);
         // The typed tree serializes losslessly; walking it generically visits every node.
         let tree = serde_json::to_value(raw).map_err(|e| ClassifyError::Parse(e.to_string()))?;
         w.value(&tree, Ctx::top());
     }
     Ok(w.out)
+}
+
+/// Offsets of the STDIN/STDOUT keywords, by PostgreSQL's own scanner: the parse tree gives
+/// `COPY t TO STDOUT` and `COPY t TO ''` (a server file) the same empty filename.
+fn stdio_tokens(sql: &str) -> Vec<usize> {
+    const STDIN: i32 = pg_query::protobuf::Token::Stdin as i32;
+    const STDOUT: i32 = pg_query::protobuf::Token::Stdout as i32;
+    if !sql.to_ascii_lowercase().contains("copy") {
+        return Vec::new();
+    }
+    pg_query::scan(sql)
+        .map(|r| {
+            r.tokens
+                .iter()
+                .filter(|t| t.token == STDIN || t.token == STDOUT)
+                .map(|t| t.start.max(0) as usize)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Where in the tree the walker is.
@@ -247,6 +272,9 @@ impl<'a> Ctx<'a> {
 #[derive(Default)]
 struct Walker {
     out: Classified,
+    /// Byte range of the statement being walked, in the query string.
+    stmt_range: (usize, usize),
+    stdio_tokens: Vec<usize>,
 }
 
 impl Walker {
@@ -293,17 +321,26 @@ impl Walker {
         self.out.facts.class(c, note);
     }
 
-    fn with_ctes<R>(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>, f: impl FnOnce(&mut Self, Ctx<'_>) -> R) -> R {
-        let names: Vec<String> = obj
-            .get("with_clause")
-            .and_then(|w| w.get("ctes"))
-            .and_then(Value::as_array)
-            .map(|ctes| {
-                ctes.iter()
-                    .filter_map(|c| c.pointer("/node/CommonTableExpr/ctename")?.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+    /// Walk a statement's WITH clause with PostgreSQL's scoping, then the rest of the statement
+    /// (`f`, which must skip `with_clause`) with every CTE name in scope. Without RECURSIVE a
+    /// CTE's body sees only the CTEs before it, so `WITH t AS (SELECT * FROM t)` reads the real
+    /// table `t`.
+    fn with_ctes(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>, f: impl FnOnce(&mut Self, Ctx<'_>)) {
+        let with = obj.get("with_clause").filter(|w| !w.is_null());
+        let recursive = with.and_then(|w| w.get("recursive")).and_then(Value::as_bool).unwrap_or(false);
+        let ctes: Vec<&Value> = with.and_then(|w| w.get("ctes")).and_then(Value::as_array).map(|c| c.iter().collect()).unwrap_or_default();
+        let names: Vec<String> = ctes
+            .iter()
+            .filter_map(|c| c.pointer("/node/CommonTableExpr/ctename")?.as_str().map(str::to_owned))
+            .collect();
+        for (i, cte) in ctes.iter().enumerate() {
+            let visible = if recursive { names.clone() } else { names[..i.min(names.len())].to_vec() };
+            let scope = CteScope {
+                names: visible,
+                parent: Some(ctx.ctes),
+            };
+            self.value(cte, Ctx { ctes: &scope, ..ctx });
+        }
         let scope = CteScope {
             names,
             parent: Some(ctx.ctes),
@@ -321,7 +358,7 @@ impl Walker {
             self.stmt_class(SqlClass::Ddl, ctx, String::new); // SELECT INTO creates a table
         }
         self.with_ctes(obj, ctx.with_access(SqlClass::Read), |w, ctx| {
-            for (field, child) in obj {
+            for (field, child) in obj.iter().filter(|(f, _)| *f != "with_clause") {
                 let access = if field == "into_clause" { SqlClass::Ddl } else { SqlClass::Read };
                 w.value(child, ctx.with_access(access));
             }
@@ -331,9 +368,14 @@ impl Walker {
     fn dml(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
         self.stmt_class(SqlClass::Write, ctx, String::new);
         self.with_ctes(obj, ctx, |w, ctx| {
-            for (field, child) in obj {
-                let access = if field == "relation" { SqlClass::Write } else { SqlClass::Read };
-                w.value(child, ctx.with_access(access));
+            for (field, child) in obj.iter().filter(|(f, _)| *f != "with_clause") {
+                if field == "relation" {
+                    // The target of INSERT/UPDATE/DELETE/MERGE is always a real table, whatever
+                    // CTE shares its name.
+                    w.value(child, Ctx { ctes: &NO_CTES, ..ctx.with_access(SqlClass::Write) });
+                } else {
+                    w.value(child, ctx.with_access(SqlClass::Read));
+                }
             }
         });
     }
@@ -342,8 +384,15 @@ impl Walker {
         let class = match kind {
             "RawStmt" => return self.object(obj, ctx),
             "VariableShowStmt" | "FetchStmt" | "ClosePortalStmt" | "DeclareCursorStmt" => SqlClass::Read,
-            "VariableSetStmt" => variable_set_class(obj),
-            "TransactionStmt" => transaction_class(obj),
+            "VariableSetStmt" => {
+                // SET TRANSACTION / SESSION CHARACTERISTICS read their option values.
+                self.out.depends_on_constants |= obj.get("args").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+                variable_set_class(obj)
+            }
+            "TransactionStmt" => {
+                self.out.depends_on_constants |= obj.get("options").and_then(Value::as_array).is_some_and(|o| !o.is_empty());
+                transaction_class(obj)
+            }
             "ConstraintsSetStmt" => SqlClass::Transaction,
             "TruncateStmt" | "LockStmt" | "NotifyStmt" | "RefreshMatViewStmt" => SqlClass::Write,
             "CopyStmt" => return self.copy(obj, ctx),
@@ -412,9 +461,14 @@ impl Walker {
     }
 
     fn copy(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        // Whether it copies a file depends on a literal (the file name).
+        self.out.depends_on_constants = true;
         let is_from = obj.get("is_from").and_then(Value::as_bool).unwrap_or(false);
         let program = obj.get("is_program").and_then(Value::as_bool).unwrap_or(false);
-        let file = obj.get("filename").and_then(Value::as_str).is_some_and(|f| !f.is_empty());
+        let (start, end) = self.stmt_range;
+        let stdio = self.stdio_tokens.iter().any(|&t| (start..end).contains(&t));
+        // `TO ''` parses like `TO STDOUT`: only the STDIN/STDOUT keyword proves a client copy.
+        let file = !stdio || obj.get("filename").and_then(Value::as_str).is_some_and(|f| !f.is_empty());
         if program || file {
             let what = if program { "a program" } else { "a server file" };
             self.stmt_class(SqlClass::Admin, ctx, || format!("COPY {} {what}", if is_from { "from" } else { "to" }));
@@ -428,6 +482,8 @@ impl Walker {
     }
 
     fn explain(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        // `ANALYZE 'off'` vs `'on'`: the option's value is a literal.
+        self.out.depends_on_constants |= obj.get("options").and_then(Value::as_array).is_some_and(|o| !o.is_empty());
         let analyze = obj.get("options").and_then(Value::as_array).is_some_and(|opts| {
             opts.iter().any(|o| {
                 o.pointer("/node/DefElem/defname").and_then(Value::as_str) == Some("analyze")
@@ -646,7 +702,10 @@ fn variable_set_class(obj: &Map<String, Value>) -> SqlClass {
 }
 
 fn transaction_class(obj: &Map<String, Value>) -> SqlClass {
-    let gid = obj.get("gid").and_then(Value::as_str).is_some_and(|g| !g.is_empty());
+    // PREPARE TRANSACTION, COMMIT PREPARED, ROLLBACK PREPARED (an empty gid is still a gid).
+    const TWO_PHASE: [i64; 3] = [8, 9, 10];
+    let two_phase = obj.get("kind").and_then(Value::as_i64).is_some_and(|k| TWO_PHASE.contains(&k));
+    let gid = two_phase || obj.get("gid").and_then(Value::as_str).is_some_and(|g| !g.is_empty());
     let read_write = obj.get("options").and_then(Value::as_array).is_some_and(|opts| {
         opts.iter().any(|o| {
             o.pointer("/node/DefElem/defname").and_then(Value::as_str) == Some("transaction_read_only")
@@ -760,6 +819,36 @@ mod tests {
             objects("SELECT * FROM (WITH s AS (SELECT 1) SELECT * FROM s) a, s"),
             [("public.s".into(), Read)]
         );
+    }
+
+    #[test]
+    fn cte_names_do_not_hide_real_tables() {
+        let o = |sql: &str| objects(sql);
+        assert_eq!(o("WITH t AS (SELECT 1) DELETE FROM t"), [("public.t".into(), Write)]);
+        assert_eq!(o("WITH t AS (SELECT 1) INSERT INTO t SELECT 1"), [("public.t".into(), Write)]);
+        assert_eq!(o("WITH t AS (SELECT * FROM t) SELECT * FROM t"), [("public.t".into(), Read)]);
+        assert_eq!(o("WITH a AS (SELECT * FROM t), t AS (SELECT 1) SELECT * FROM a"), [("public.t".into(), Read)]);
+        assert_eq!(o("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT * FROM r"), []);
+    }
+
+    #[test]
+    fn literals_that_decide_are_read_and_never_shared_by_shape() {
+        for sql in [
+            "PREPARE TRANSACTION ''",
+            "COMMIT PREPARED ''",
+            "ROLLBACK PREPARED 'x'",
+            "COPY users TO ''",
+            "COPY users FROM ''",
+        ] {
+            let c = classify(sql).unwrap();
+            assert!(c.facts.classes.contains(&Admin), "{sql}: {:?}", c.facts.classes);
+        }
+        assert!(!classify("COPY users TO STDOUT").unwrap().facts.classes.contains(&Admin));
+        assert!(!classify("copy (select 1) to stdout; copy users from stdin").unwrap().facts.classes.contains(&Admin));
+        assert!(classify("COPY users TO STDOUT; COPY users TO ''").unwrap().facts.classes.contains(&Admin), "per statement");
+        for sql in ["EXPLAIN (ANALYZE 'off') SELECT 1", "COPY users TO STDOUT", "BEGIN READ ONLY", "SET TRANSACTION READ ONLY"] {
+            assert!(classify(sql).unwrap().depends_on_constants, "{sql}");
+        }
     }
 
     #[test]

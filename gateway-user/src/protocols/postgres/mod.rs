@@ -172,6 +172,9 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
     };
     let identity = s.agent.and_then(|a| a.name.as_deref());
     let mut extra = checked.forward;
+    // The classifier resolves unqualified names as pg_catalog, then public: make the server do
+    // the same (a schema named after the login role would otherwise come first).
+    extra.push(("search_path".into(), "public".into()));
     if s.policy.read_only(identity, &s.target.name) {
         // Defence in depth: even a statement the classifier got wrong cannot write.
         extra.push(("default_transaction_read_only".into(), "on".into()));
