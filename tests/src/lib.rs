@@ -590,6 +590,22 @@ impl Postgres {
         ca
     }
 
+    /// A login role `name` (password `password`, SELECT on app's public tables) that the server
+    /// authenticates with `method` (`md5` or `password`, i.e. cleartext) from 127.0.0.1.
+    pub fn add_role_with_auth(&self, name: &str, password: &str, method: &str) {
+        self.psql_super(
+            "app",
+            &format!(
+                "SET password_encryption = 'md5'; CREATE ROLE {name} LOGIN PASSWORD '{password}';
+                 GRANT SELECT ON ALL TABLES IN SCHEMA public TO {name};"
+            ),
+        );
+        let hba = self.dir.join("data/pg_hba.conf");
+        let old = std::fs::read_to_string(&hba).unwrap();
+        std::fs::write(&hba, format!("host all {name} 127.0.0.1/32 {method}\n{old}")).unwrap();
+        self.psql_super("postgres", "SELECT pg_reload_conf()");
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()

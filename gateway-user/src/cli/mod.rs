@@ -111,7 +111,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Daemon(args) if args.uninstall => uninstall(&config, args.force, cli.json),
         Command::Daemon(_) => {
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = std::env::var("CHAPERONE_WORKERS").ok().and_then(|v| v.parse().ok()) {
+                rt.worker_threads(n);
+            }
+            let rt = rt.enable_all().build()?;
             rt.block_on(crate::app::run(config))?;
             Ok(0)
         }
