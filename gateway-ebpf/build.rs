@@ -3,6 +3,7 @@
 use which::which;
 
 fn main() {
-    let bpf_linker = which("bpf-linker").expect("bpf-linker not found on PATH; run scripts/setup.sh");
+    let bpf_linker =
+        which("bpf-linker").expect("bpf-linker not found on PATH; run scripts/setup.sh");
     println!("cargo:rerun-if-changed={}", bpf_linker.display());
 }

@@ -178,7 +178,11 @@ fn sendmsg_verdict(ctx: &SockAddrContext, family: u16) -> i32 {
 
 #[inline(always)]
 fn dns_verdict(dst: &[u32; 4], port: u16) -> i32 {
-    if is_resolver(dst, Some(port)) { ALLOW } else { REFUSE }
+    if is_resolver(dst, Some(port)) {
+        ALLOW
+    } else {
+        REFUSE
+    }
 }
 
 /// Whether `addr` (and `port`, when given) is a configured DNS resolver.
@@ -239,7 +243,11 @@ fn backstop(ctx: &SkBuffContext, off4: usize, off6: usize) -> i32 {
     } else {
         return DROP;
     };
-    if is_loopback(&addr) || is_resolver(&addr, None) { PASS } else { DROP }
+    if is_loopback(&addr) || is_resolver(&addr, None) {
+        PASS
+    } else {
+        DROP
+    }
 }
 
 /// 127.0.0.0/8 (v4-mapped) or ::1.

@@ -10,16 +10,13 @@ use crate::{
     identity::{AgentResolver, AgentTree},
     policy::{self, Action, Policy, Subject, Verdict},
     protocols,
-    record::{JsonlSink, RecordSink, RecordedVerdict, SessionIds, SessionInfo, SessionRecorder, now_ms},
+    record::{
+        JsonlSink, RecordSink, RecordedVerdict, SessionIds, SessionInfo, SessionRecorder, now_ms,
+    },
     redirect::{ProxyAddrs, Redirect},
 };
 use serde::Serialize;
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, error, info, info_span, warn};
@@ -46,7 +43,9 @@ pub enum AppError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("another chaperone daemon (lock {path}) already serves pin_dir {pin_dir}; stop it first")]
+    #[error(
+        "another chaperone daemon (lock {path}) already serves pin_dir {pin_dir}; stop it first"
+    )]
     AlreadyRunning { path: PathBuf, pin_dir: PathBuf },
     #[error("taking the daemon lock {path}: {source}")]
     Lock {
@@ -105,7 +104,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         None => Default::default(),
     };
     let tls_acceptor = crate::tls::acceptor(
-        config.client_tls.as_ref().map(|t| (t.cert_file.as_path(), t.key_file.as_path())),
+        config
+            .client_tls
+            .as_ref()
+            .map(|t| (t.cert_file.as_path(), t.key_file.as_path())),
     )?;
     let mut tls_connectors = std::collections::HashMap::new();
     for t in &config.targets {
@@ -150,13 +152,21 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     for listener in [Some(v4), v6].into_iter().flatten() {
-        tracker.spawn(accept_loop(listener, inputs.clone(), stop.clone(), tracker.clone()));
+        tracker.spawn(accept_loop(
+            listener,
+            inputs.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
     }
     wait_for_shutdown_signal().await;
     info!("shutting down: no new connections; draining live sessions");
     stop.cancel();
     tracker.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!("sessions still open after {DRAIN_TIMEOUT:?}; cutting them");
     }
     // The pins stay: with no listener, agents' connections are refused until a daemon returns.
@@ -167,8 +177,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 fn bind(config: &Config) -> Result<(TcpListener, Option<TcpListener>), AppError> {
     // Port 0: take the kernel's pick for IPv4 and ask for the same on IPv6; retry if taken.
     for _ in 0..20 {
-        let v4 = listen(SocketAddr::new(config.listen_ipv4.into(), config.listen_port))?;
-        let port = v4.local_addr().map(|a| a.port()).unwrap_or(config.listen_port);
+        let v4 = listen(SocketAddr::new(
+            config.listen_ipv4.into(),
+            config.listen_port,
+        ))?;
+        let port = v4
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or(config.listen_port);
         match listen(SocketAddr::new(config.listen_ipv6.into(), port)) {
             Ok(v6) => return Ok((v4, Some(v6))),
             Err(AppError::Bind { source, .. })
@@ -214,7 +230,13 @@ pub fn lock_pin_dir(config: &Config) -> Result<std::fs::File, AppError> {
         .pin_dir
         .to_string_lossy()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let path = PathBuf::from(LOCK_DIR).join(format!("{name}.lock"));
     let err = |source| AppError::Lock {
@@ -229,7 +251,13 @@ pub fn lock_pin_dir(config: &Config) -> Result<std::fs::File, AppError> {
         .open(&path)
         .map_err(err)?;
     // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
             return Err(AppError::AlreadyRunning {
@@ -383,7 +411,10 @@ fn raise_fd_limit() {
 
 async fn wait_for_shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         error!("cannot install signal handlers; stopping");
         return;
     };

@@ -52,11 +52,19 @@ pub struct YamlError {
 
 /// Parse YAML, locating errors. With `redact`, the message keeps only its first clause:
 /// serde_yaml can quote the offending value, which in a secrets file is a password.
-pub fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str, path: &str, redact: bool) -> Result<T, YamlError> {
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &str,
+    redact: bool,
+) -> Result<T, YamlError> {
     serde_yaml::from_str(text).map_err(|e| {
         let (line, column) = e.location().map_or((0, 0), |l| (l.line(), l.column()));
         let message = e.to_string();
-        let message = if redact { message.split(':').next().unwrap_or("invalid").to_string() } else { message };
+        let message = if redact {
+            message.split(':').next().unwrap_or("invalid").to_string()
+        } else {
+            message
+        };
         YamlError {
             path: path.to_string(),
             line,
@@ -116,7 +124,9 @@ pub struct Target {
 impl Target {
     /// The name to verify the upstream's certificate against.
     pub fn tls_name(&self) -> String {
-        self.tls_server_name.clone().unwrap_or_else(|| self.address.addr().to_string())
+        self.tls_server_name
+            .clone()
+            .unwrap_or_else(|| self.address.addr().to_string())
     }
 
     /// Whether a connection to `dst` is for this target. IPv4-mapped IPv6 destinations match
@@ -262,10 +272,16 @@ impl Config {
                 return Err(invalid(format!("target `{}` is defined twice", t.name)));
             }
             if t.port == 0 {
-                return Err(invalid(format!("target `{}`: port 0 is not a port", t.name)));
+                return Err(invalid(format!(
+                    "target `{}`: port 0 is not a port",
+                    t.name
+                )));
             }
             if t.tls == crate::tls::UpstreamTls::VerifyFull && t.tls_ca_file.is_none() {
-                return Err(invalid(format!("target `{}`: tls: verify-full needs tls_ca_file", t.name)));
+                return Err(invalid(format!(
+                    "target `{}`: tls: verify-full needs tls_ca_file",
+                    t.name
+                )));
             }
             if t.protocol == ProtocolKind::Postgres && t.credential.is_none() {
                 return Err(invalid(format!(
@@ -275,16 +291,24 @@ impl Config {
             }
         }
         if self.targets.iter().any(|t| t.credential.is_some()) && self.secrets_file.is_none() {
-            return Err(invalid("targets name credentials but no secrets_file is set".into()));
+            return Err(invalid(
+                "targets name credentials but no secrets_file is set".into(),
+            ));
         }
         for (i, g) in self.grants.iter().enumerate() {
             if !names.contains(g.target.as_str()) {
-                return Err(invalid(format!("grants[{i}]: no target named `{}`", g.target)));
+                return Err(invalid(format!(
+                    "grants[{i}]: no target named `{}`",
+                    g.target
+                )));
             }
         }
         if self.agent_cgroup.as_os_str().is_empty()
             || self.agent_cgroup.is_absolute()
-            || self.agent_cgroup.components().any(|c| !matches!(c, std::path::Component::Normal(_)))
+            || self
+                .agent_cgroup
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
         {
             return Err(invalid(format!(
                 "agent_cgroup `{}` must be a non-empty relative path below the cgroup2 mount, without `..`",
@@ -386,22 +410,34 @@ mod tests {
 
     #[test]
     fn errors_name_file_line_and_column() {
-        let err = Config::parse("unlisted: maybe\n", "cfg.yaml").unwrap_err().to_string();
-        assert!(err.starts_with("cfg.yaml:1:"), "{err}");
-        assert!(err.contains("unknown variant"), "{err}");
-        let err = Config::parse("targets:\n  - {name: a, protocol: tcp, address: nope, port: 1}\n", "c.yaml")
+        let err = Config::parse("unlisted: maybe\n", "cfg.yaml")
             .unwrap_err()
             .to_string();
+        assert!(err.starts_with("cfg.yaml:1:"), "{err}");
+        assert!(err.contains("unknown variant"), "{err}");
+        let err = Config::parse(
+            "targets:\n  - {name: a, protocol: tcp, address: nope, port: 1}\n",
+            "c.yaml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("c.yaml:2:"), "{err}");
         assert!(err.contains("neither an IP address nor a CIDR"), "{err}");
-        let err = Config::parse("listen_prot: 1\n", "c.yaml").unwrap_err().to_string();
+        let err = Config::parse("listen_prot: 1\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `listen_prot`"), "{err}");
     }
 
     #[test]
     fn invalid_values_are_refused() {
         let dup = "targets:\n  - {name: a, protocol: tcp, address: 127.0.0.1, port: 1}\n  - {name: a, protocol: tcp, address: 127.0.0.2, port: 1}\n";
-        assert!(Config::parse(dup, "x").unwrap_err().to_string().contains("defined twice"));
+        assert!(
+            Config::parse(dup, "x")
+                .unwrap_err()
+                .to_string()
+                .contains("defined twice")
+        );
         assert!(Config::parse("agent_cgroup: ../escape\n", "x").is_err());
         assert!(Config::parse("agent_cgroup: /abs\n", "x").is_err());
         assert!(Config::parse("agent_cgroup: ''\n", "x").is_err());
@@ -412,6 +448,9 @@ mod tests {
     #[test]
     fn resolv_conf() {
         let got = resolv_conf_nameservers("# c\nnameserver 10.0.0.53\nnameserver ::1\nsearch x\n");
-        assert_eq!(got, vec!["10.0.0.53:53".parse().unwrap(), "[::1]:53".parse().unwrap()]);
+        assert_eq!(
+            got,
+            vec!["10.0.0.53:53".parse().unwrap(), "[::1]:53".parse().unwrap()]
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! `chaperone`: CLI entry. Parses flags, sets up logging, runs the command, and turns an error
 //! into one `chaperone: …` line (or `{"error": …}` with `--json`) and exit code 2.
 
-use clap::Parser;
 use chaperone::cli::{Cli, dispatch};
+use clap::Parser;
 
 fn main() {
     let cli = Cli::parse();
@@ -25,7 +25,8 @@ fn main() {
 
 fn init_tracing(json: bool) {
     use tracing_subscriber::{EnvFilter, fmt};
-    let filter = EnvFilter::try_from_env("CHAPERONE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("CHAPERONE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -21,7 +21,10 @@ fn parse_mounts(text: &str, fstype: &str) -> Vec<PathBuf> {
 
 /// /proc/mounts escapes space, tab, newline and backslash as octal.
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// Whether `path` lies on (or is) a mount of type `fstype`.
@@ -36,12 +39,18 @@ mod tests {
     #[test]
     fn finds_cgroup2_in_hybrid_layout() {
         let text = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(parse_mounts(text, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup/unified")]);
+        assert_eq!(
+            parse_mounts(text, "cgroup2"),
+            vec![PathBuf::from("/sys/fs/cgroup/unified")]
+        );
         assert!(parse_mounts(text, "bpf").is_empty());
     }
 
     #[test]
     fn unescapes_spaces() {
-        assert_eq!(parse_mounts("x /a\\040b bpf rw 0 0\n", "bpf"), vec![PathBuf::from("/a b")]);
+        assert_eq!(
+            parse_mounts("x /a\\040b bpf rw 0 0\n", "bpf"),
+            vec![PathBuf::from("/a b")]
+        );
     }
 }

@@ -13,7 +13,10 @@ use std::{collections::HashMap, os::unix::fs::PermissionsExt, path::Path};
 #[derive(Debug, thiserror::Error)]
 pub enum SecretsError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: mode {mode:o} lets group or others read it; chmod 600 it")]
     Exposed { path: String, mode: u32 },
     #[error(transparent)]
@@ -29,7 +32,10 @@ pub struct Credential {
 
 impl std::fmt::Debug for Credential {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credential").field("user", &self.user).field("password", &"<redacted>").finish()
+        f.debug_struct("Credential")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -50,7 +56,10 @@ impl Secrets {
         let meta = std::fs::metadata(path).map_err(read_err)?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(SecretsError::Exposed { path: display, mode });
+            return Err(SecretsError::Exposed {
+                path: display,
+                mode,
+            });
         }
         let text = std::fs::read_to_string(path).map_err(read_err)?;
         // serde_yaml messages can quote the offending value: never echo the file's content.
@@ -73,7 +82,10 @@ mod tests {
             password: "hunter2".into(),
         };
         let shown = format!("{c:?}");
-        assert!(!shown.contains("hunter2") && shown.contains("redacted"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("redacted"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -83,7 +95,10 @@ mod tests {
         let p = dir.join("s.yaml");
         std::fs::write(&p, "credentials:\n  a: {user: u, password: hunter2}\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
-        assert!(matches!(Secrets::load(&p), Err(SecretsError::Exposed { .. })));
+        assert!(matches!(
+            Secrets::load(&p),
+            Err(SecretsError::Exposed { .. })
+        ));
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(Secrets::load(&p).unwrap().get("a").unwrap().user, "u");
         std::fs::write(&p, "credentials:\n  a: {user: u, pasword: hunter2}\n").unwrap();

@@ -10,7 +10,9 @@ use rustls::{
     ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature},
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime, pem::PemObject},
+    pki_types::{
+        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime, pem::PemObject,
+    },
 };
 use serde::Deserialize;
 use std::{path::Path, sync::Arc};
@@ -59,12 +61,16 @@ pub fn acceptor(cert_and_key: Option<(&Path, &Path)>) -> Result<TlsAcceptor, Tls
                 .map_err(|e| file_err(cert, e))?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| file_err(cert, e))?;
-            (chain, PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?)
+            (
+                chain,
+                PrivateKeyDer::from_pem_file(key).map_err(|e| file_err(key, e))?,
+            )
         }
         None => {
             let names = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
             let issued = rcgen::generate_simple_self_signed(names)?;
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.signing_key.serialize_der()));
+            let key =
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(issued.signing_key.serialize_der()));
             (vec![issued.cert.der().clone()], key)
         }
     };
@@ -76,8 +82,12 @@ pub fn acceptor(cert_and_key: Option<(&Path, &Path)>) -> Result<TlsAcceptor, Tls
 }
 
 /// The upstream connector for `mode` (`None` for `disable`).
-pub fn connector(mode: UpstreamTls, ca_file: Option<&Path>) -> Result<Option<TlsConnector>, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+pub fn connector(
+    mode: UpstreamTls,
+    ca_file: Option<&Path>,
+) -> Result<Option<TlsConnector>, TlsError> {
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let config = match mode {
         UpstreamTls::Disable => return Ok(None),
         UpstreamTls::Require => builder
@@ -127,7 +137,12 @@ impl ServerCertVerifier for EncryptOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -136,7 +151,12 @@ impl ServerCertVerifier for EncryptOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

@@ -25,9 +25,9 @@ use std::{
 /// The daemon binary: `$CHAPERONE_BIN`, else the workspace's debug build (`cargo xtask test`
 /// builds it first).
 pub fn chaperone_bin() -> PathBuf {
-    let bin = std::env::var_os("CHAPERONE_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/chaperone")
-    });
+    let bin = std::env::var_os("CHAPERONE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/chaperone"));
     assert!(
         bin.exists(),
         "{} not found: build it first (`cargo build -p gateway-user`, or run `cargo xtask test`)",
@@ -48,7 +48,11 @@ pub fn skip_unless_root(test: &str) -> bool {
 
 fn unique() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A free TCP port on 127.0.0.1 and ::1 (probed, then released).
@@ -107,10 +111,16 @@ impl TestDaemon {
             pin_dir.display(),
             dir.join("state").display(),
             opts.unlisted,
-            opts.dns_resolvers.iter().map(|r| format!("\"{r}\"")).collect::<Vec<_>>().join(", "),
+            opts.dns_resolvers
+                .iter()
+                .map(|r| format!("\"{r}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
         );
         for (name, addr, port) in &opts.targets {
-            yaml.push_str(&format!("  - {{name: {name}, protocol: tcp, address: \"{addr}\", port: {port}}}\n"));
+            yaml.push_str(&format!(
+                "  - {{name: {name}, protocol: tcp, address: \"{addr}\", port: {port}}}\n"
+            ));
         }
         for t in &opts.target_yaml {
             yaml.push_str(&format!("  - {t}\n"));
@@ -155,7 +165,8 @@ impl TestDaemon {
             .arg("daemon")
             .env(
                 "CHAPERONE_LOG",
-                std::env::var("CHAPERONE_TEST_LOG").unwrap_or_else(|_| "info,chaperone=debug".into()),
+                std::env::var("CHAPERONE_TEST_LOG")
+                    .unwrap_or_else(|_| "info,chaperone=debug".into()),
             )
             .env("NO_COLOR", "1")
             .stdout(log.try_clone().unwrap())
@@ -166,13 +177,21 @@ impl TestDaemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Some(Value::Number(p)) = self.status().get("daemon").and_then(|d| d.get("pid")).cloned() {
+            if let Some(Value::Number(p)) = self
+                .status()
+                .get("daemon")
+                .and_then(|d| d.get("pid"))
+                .cloned()
+            {
                 if p.as_u64() == Some(u64::from(pid)) {
                     return;
                 }
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited with {status} during start-up; log:\n{}", self.log());
+                panic!(
+                    "daemon exited with {status} during start-up; log:\n{}",
+                    self.log()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }
@@ -193,7 +212,11 @@ impl TestDaemon {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let status = c.wait().unwrap();
-            assert!(status.success(), "daemon exited with {status} on SIGTERM; log:\n{}", self.log());
+            assert!(
+                status.success(),
+                "daemon exited with {status} on SIGTERM; log:\n{}",
+                self.log()
+            );
         }
     }
 
@@ -216,7 +239,11 @@ impl TestDaemon {
     /// Every `end` event in the session log.
     pub fn sessions(&self) -> Vec<Value> {
         let out = self.cmd().args(["sessions", "--json"]).output().unwrap();
-        assert!(out.status.success(), "chaperone sessions: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "chaperone sessions: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).expect("sessions --json prints JSON lines"))
@@ -239,7 +266,10 @@ impl TestDaemon {
 impl Drop for TestDaemon {
     fn drop(&mut self) {
         self.kill();
-        let _ = self.cmd().args(["daemon", "--uninstall", "--force"]).output();
+        let _ = self
+            .cmd()
+            .args(["daemon", "--uninstall", "--force"])
+            .output();
         if !thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -294,7 +324,11 @@ impl EchoServer {
                     .unwrap();
             }
         });
-        Self { addr, accepted, stop }
+        Self {
+            addr,
+            accepted,
+            stop,
+        }
     }
 
     /// Connections accepted so far.
@@ -338,7 +372,10 @@ impl UdpSink {
 
 /// Parse the last line of an agent's stdout as JSON (agent scripts report there).
 pub fn last_json(stdout: &str) -> Value {
-    let line = stdout.lines().last().unwrap_or_else(|| panic!("agent printed nothing"));
+    let line = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("agent printed nothing"));
     serde_json::from_str(line).unwrap_or_else(|e| panic!("agent output `{line}` is not JSON: {e}"))
 }
 
@@ -355,15 +392,29 @@ impl PeerNetns {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = (std::process::id() as u64 * 7 + N.fetch_add(1, Ordering::Relaxed)) % 250 + 1;
         let name = format!("chp{}-{n}", std::process::id() % 100_000);
-        let (vh, vp) = (format!("vh{}-{n}", std::process::id() % 10_000), format!("vp{}-{n}", std::process::id() % 10_000));
+        let (vh, vp) = (
+            format!("vh{}-{n}", std::process::id() % 10_000),
+            format!("vp{}-{n}", std::process::id() % 10_000),
+        );
         let host_ip = std::net::Ipv4Addr::new(10, 213, n as u8, 1);
         let peer_ip = std::net::Ipv4Addr::new(10, 213, n as u8, 2);
         let ip = |args: &str| {
-            let out = Command::new("ip").args(args.split_whitespace()).output().expect("ip (iproute2)");
-            assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
+            let out = Command::new("ip")
+                .args(args.split_whitespace())
+                .output()
+                .expect("ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         ip(&format!("netns add {name}"));
-        let ns = Self { name: name.clone(), host_ip, peer_ip };
+        let ns = Self {
+            name: name.clone(),
+            host_ip,
+            peer_ip,
+        };
         ip(&format!("link add {vh} type veth peer name {vp}"));
         ip(&format!("link set {vp} netns {name}"));
         ip(&format!("addr add {host_ip}/30 dev {vh}"));
@@ -385,7 +436,9 @@ impl PeerNetns {
 impl Drop for PeerNetns {
     fn drop(&mut self) {
         // Deleting the namespace destroys the veth pair with it.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -441,7 +494,15 @@ impl Postgres {
         let out = as_postgres(&dir, &format!("{PG_BIN}/initdb"))
             .arg("-D")
             .arg(&data)
-            .args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .expect("runuser … initdb");
@@ -483,7 +544,10 @@ impl Postgres {
             ro_password,
             super_password,
         };
-        pg.psql_super("postgres", &format!("CREATE ROLE agent_ro LOGIN PASSWORD '{}'", pg.ro_password));
+        pg.psql_super(
+            "postgres",
+            &format!("CREATE ROLE agent_ro LOGIN PASSWORD '{}'", pg.ro_password),
+        );
         pg.psql_super("postgres", "CREATE DATABASE app");
         pg.psql_super(
             "app",
@@ -492,12 +556,27 @@ impl Postgres {
              GRANT SELECT ON ALL TABLES IN SCHEMA public TO agent_ro;",
         );
         let out = Command::new("pgbench")
-            .args(["-i", "-s", "1", "-q", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "app"])
+            .args([
+                "-i",
+                "-s",
+                "1",
+                "-q",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "postgres",
+                "app",
+            ])
             .env("PGPASSWORD", &pg.super_password)
             .output()
             .expect("pgbench -i");
         assert_ok(&out, "pgbench -i -s 1 app");
-        pg.psql_super("app", "GRANT SELECT ON ALL TABLES IN SCHEMA public TO agent_ro");
+        pg.psql_super(
+            "app",
+            "GRANT SELECT ON ALL TABLES IN SCHEMA public TO agent_ro",
+        );
         pg
     }
 
@@ -506,7 +585,10 @@ impl Postgres {
     pub fn psql_super(&self, db: &str, sql: &str) -> String {
         let out = Command::new("psql")
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .arg(format!("host=127.0.0.1 port={} dbname={db} user=postgres", self.port))
+            .arg(format!(
+                "host=127.0.0.1 port={} dbname={db} user=postgres",
+                self.port
+            ))
             .arg("-c")
             .arg(sql)
             .env("PGPASSWORD", &self.super_password)
@@ -530,7 +612,12 @@ impl Postgres {
                 .mode(0o600)
                 .open(&secrets)
                 .unwrap();
-            write!(f, "credentials:\n  app-ro: {{user: agent_ro, password: \"{}\"}}\n", self.ro_password).unwrap();
+            write!(
+                f,
+                "credentials:\n  app-ro: {{user: agent_ro, password: \"{}\"}}\n",
+                self.ro_password
+            )
+            .unwrap();
         }
         set_mode(&secrets, 0o600);
         DaemonOptions {
@@ -564,21 +651,71 @@ impl Postgres {
         let csr = self.dir.join(format!("server-{tag}.csr"));
         let ext = self.dir.join(format!("server-{tag}.ext"));
         let (cert, key) = (data.join("server.crt"), data.join("server.key"));
-        std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
         let openssl = |args: Vec<std::ffi::OsString>, what: &str| {
-            let out = Command::new("openssl").args(args).output().expect("openssl");
+            let out = Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl");
             assert_ok(&out, what);
         };
-        let os = |v: &[&dyn AsRef<std::ffi::OsStr>]| v.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        let mut a = os(&[&"req", &"-x509", &"-days", &"2", &"-subj", &"/CN=chaperone-test-ca", &"-keyout", &ca_key, &"-out", &ca]);
+        let os = |v: &[&dyn AsRef<std::ffi::OsStr>]| {
+            v.iter().map(|a| a.as_ref().to_owned()).collect::<Vec<_>>()
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut a = os(&[
+            &"req",
+            &"-x509",
+            &"-days",
+            &"2",
+            &"-subj",
+            &"/CN=chaperone-test-ca",
+            &"-keyout",
+            &ca_key,
+            &"-out",
+            &ca,
+        ]);
         a.extend(ec.iter().map(Into::into));
         openssl(a, "openssl: CA");
-        let mut a = os(&[&"req", &"-subj", &"/CN=127.0.0.1", &"-keyout", &key, &"-out", &csr]);
+        let mut a = os(&[
+            &"req",
+            &"-subj",
+            &"/CN=127.0.0.1",
+            &"-keyout",
+            &key,
+            &"-out",
+            &csr,
+        ]);
         a.extend(ec.iter().map(Into::into));
         openssl(a, "openssl: server key and CSR");
         openssl(
-            os(&[&"x509", &"-req", &"-in", &csr, &"-CA", &ca, &"-CAkey", &ca_key, &"-CAcreateserial", &"-days", &"2", &"-extfile", &ext, &"-out", &cert]),
+            os(&[
+                &"x509",
+                &"-req",
+                &"-in",
+                &csr,
+                &"-CA",
+                &ca,
+                &"-CAkey",
+                &ca_key,
+                &"-CAcreateserial",
+                &"-days",
+                &"2",
+                &"-extfile",
+                &ext,
+                &"-out",
+                &cert,
+            ]),
             "openssl: sign the server certificate",
         );
         set_mode(&key, 0o600);
@@ -602,7 +739,11 @@ impl Postgres {
         );
         let hba = self.dir.join("data/pg_hba.conf");
         let old = std::fs::read_to_string(&hba).unwrap();
-        std::fs::write(&hba, format!("host all {name} 127.0.0.1/32 {method}\n{old}")).unwrap();
+        std::fs::write(
+            &hba,
+            format!("host all {name} 127.0.0.1/32 {method}\n{old}"),
+        )
+        .unwrap();
         self.psql_super("postgres", "SELECT pg_reload_conf()");
     }
 
@@ -634,7 +775,11 @@ pub fn as_postgres(cwd: &Path, program: &str) -> Command {
 }
 
 fn chown_to_postgres(path: &Path) {
-    let out = Command::new("chown").arg("postgres:postgres").arg(path).output().expect("chown");
+    let out = Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(path)
+        .output()
+        .expect("chown");
     assert_ok(&out, "chown postgres");
 }
 

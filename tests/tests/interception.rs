@@ -88,8 +88,17 @@ fn tcp_is_intercepted_relayed_and_recorded() {
     assert_eq!(s["target"], "echo");
     assert_eq!(s["protocol"], "tcp");
     assert_eq!(s["agent"]["name"], "tester");
-    assert_eq!(s["original_dst"]["pid"], out["pid"], "pid of the connecting process");
-    assert!(s["original_dst"]["comm"].as_str().unwrap().starts_with("python"), "{s}");
+    assert_eq!(
+        s["original_dst"]["pid"], out["pid"],
+        "pid of the connecting process"
+    );
+    assert!(
+        s["original_dst"]["comm"]
+            .as_str()
+            .unwrap()
+            .starts_with("python"),
+        "{s}"
+    );
     assert_eq!(s["bytes_up"], c["sent"]);
     assert_eq!(s["bytes_down"], c["sent"]);
     assert!(s["ended_at_ms"].as_u64() >= s["started_at_ms"].as_u64());
@@ -122,7 +131,10 @@ fn curl_in_a_child_shell_is_intercepted_and_sees_the_original_peer() {
     });
     // curl runs as a grandchild of `chaperone run` (through sh): descendants are agents too.
     let script = format!("curl -sS -w ' %{{remote_ip}}:%{{remote_port}}' http://{addr}/");
-    let out = assert_ok(&d.run_agent("web-agent", &["sh", "-c", &script]), "curl agent");
+    let out = assert_ok(
+        &d.run_agent("web-agent", &["sh", "-c", &script]),
+        "curl agent",
+    );
     assert_eq!(out, format!("hello {addr}"));
     let sessions = d.wait_for_sessions(1);
     let s = session_to(&sessions, &addr.to_string());
@@ -150,9 +162,17 @@ fn process_outside_the_agent_tree_is_not_intercepted() {
     let out = py_connect(&d, "tester", &[("127.0.0.1", echo.addr.port())]);
     assert_ne!(out["conns"][0]["echo_ok"], true, "{out}");
     let sessions = d.wait_for_sessions(1);
-    assert_eq!(sessions.len(), 1, "only the agent's connection is a session: {sessions:#?}");
+    assert_eq!(
+        sessions.len(),
+        1,
+        "only the agent's connection is a session: {sessions:#?}"
+    );
     assert_eq!(sessions[0]["original_dst"]["pid"], out["pid"]);
-    assert_eq!(echo.accepted(), 1, "only the direct connection reached the server");
+    assert_eq!(
+        echo.accepted(),
+        1,
+        "only the direct connection reached the server"
+    );
 }
 
 #[test]
@@ -167,7 +187,11 @@ fn ipv6_and_v4_mapped_are_intercepted() {
         ..Default::default()
     });
     let mapped = "::ffff:127.0.0.1";
-    let out = py_connect(&d, "tester", &[("::1", v6.addr.port()), (mapped, v4.addr.port())]);
+    let out = py_connect(
+        &d,
+        "tester",
+        &[("::1", v6.addr.port()), (mapped, v4.addr.port())],
+    );
     let (c6, cm) = (&out["conns"][0], &out["conns"][1]);
     assert_eq!(c6["echo_ok"], true, "{out}");
     assert_eq!(c6["peer"], serde_json::json!(["::1", v6.addr.port()]));
@@ -176,7 +200,10 @@ fn ipv6_and_v4_mapped_are_intercepted() {
     let sessions = d.wait_for_sessions(2);
     assert_eq!(session_to(&sessions, &v6.addr.to_string())["target"], "v6");
     // The v4-mapped destination matches the IPv4 target.
-    assert_eq!(session_to(&sessions, &format!("[{mapped}]:{}", v4.addr.port()))["target"], "v4");
+    assert_eq!(
+        session_to(&sessions, &format!("[{mapped}]:{}", v4.addr.port()))["target"],
+        "v4"
+    );
     assert_eq!((v6.accepted(), v4.accepted()), (1, 1));
 }
 
@@ -192,19 +219,36 @@ fn unlisted_destination_is_refused_and_recorded() {
         targets: targets(&[("listed", &listed)]),
         ..Default::default()
     });
-    let out = py_connect(&d, "tester", &[("127.0.0.1", unlisted.addr.port()), ("127.0.0.1", listed.addr.port())]);
+    let out = py_connect(
+        &d,
+        "tester",
+        &[
+            ("127.0.0.1", unlisted.addr.port()),
+            ("127.0.0.1", listed.addr.port()),
+        ],
+    );
     let (denied, allowed) = (&out["conns"][0], &out["conns"][1]);
     assert_ne!(denied["echo_ok"], true, "{out}");
     assert_eq!(denied["error"], "ConnectionResetError", "{out}");
-    assert_eq!(allowed["echo_ok"], true, "the agent keeps working after a denial: {out}");
-    assert_eq!(unlisted.accepted(), 0, "a denied connection never reaches its destination");
+    assert_eq!(
+        allowed["echo_ok"], true,
+        "the agent keeps working after a denial: {out}"
+    );
+    assert_eq!(
+        unlisted.accepted(),
+        0,
+        "a denied connection never reaches its destination"
+    );
     let sessions = d.wait_for_sessions(2);
     let s = session_to(&sessions, &unlisted.addr.to_string());
     assert_eq!(s["verdict"], "deny");
     assert_eq!(s["reason"], "unlisted: deny");
     assert_eq!(s["target"], Value::Null);
     assert_eq!(s["original_dst"]["pid"], out["pid"]);
-    assert_eq!((s["bytes_up"].as_u64(), s["bytes_down"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (s["bytes_up"].as_u64(), s["bytes_down"].as_u64()),
+        (Some(0), Some(0))
+    );
 }
 
 #[test]
@@ -221,7 +265,10 @@ fn unlisted_allow_relays_as_raw_tcp_and_records() {
     assert_eq!(out["conns"][0]["echo_ok"], true, "{out}");
     let sessions = d.wait_for_sessions(1);
     let s = session_to(&sessions, &echo.addr.to_string());
-    assert_eq!((s["verdict"].as_str(), s["reason"].as_str()), (Some("allow"), Some("unlisted: allow")));
+    assert_eq!(
+        (s["verdict"].as_str(), s["reason"].as_str()),
+        (Some("allow"), Some("unlisted: allow"))
+    );
     assert_eq!(s["target"], Value::Null);
     assert_eq!(s["protocol"], "tcp");
 }
@@ -237,17 +284,30 @@ fn fail_closed_when_the_daemon_is_down_and_recovers_after_restart() {
         ..Default::default()
     });
     let port = echo.addr.port();
-    assert_eq!(py_connect(&d, "t", &[("127.0.0.1", port)])["conns"][0]["echo_ok"], true);
+    assert_eq!(
+        py_connect(&d, "t", &[("127.0.0.1", port)])["conns"][0]["echo_ok"],
+        true
+    );
 
     d.kill(); // a crash: no clean-up runs
     let status = d.status();
-    assert_eq!(status["redirect"]["installed"], true, "pins outlive the daemon: {status}");
+    assert_eq!(
+        status["redirect"]["installed"], true,
+        "pins outlive the daemon: {status}"
+    );
     assert_eq!(status["daemon"], Value::Null, "{status}");
     let out = py_connect(&d, "t", &[("127.0.0.1", port), ("::1", port)]);
     for c in out["conns"].as_array().unwrap() {
-        assert_eq!(c["error"], "ConnectionRefusedError", "daemon down must refuse: {out}");
+        assert_eq!(
+            c["error"], "ConnectionRefusedError",
+            "daemon down must refuse: {out}"
+        );
     }
-    assert_eq!(echo.accepted(), 1, "nothing reached the server while the daemon was down");
+    assert_eq!(
+        echo.accepted(),
+        1,
+        "nothing reached the server while the daemon was down"
+    );
 
     d.spawn(); // re-adopts the pinned links
     // A second daemon for the same installation would steal the links: it refuses to start.
@@ -256,8 +316,14 @@ fn fail_closed_when_the_daemon_is_down_and_recovers_after_restart() {
         .output()
         .unwrap();
     assert_eq!(second.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&second.stderr).contains("another chaperone daemon"), "{second:?}");
-    assert_eq!(py_connect(&d, "t", &[("127.0.0.1", port)])["conns"][0]["echo_ok"], true);
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another chaperone daemon"),
+        "{second:?}"
+    );
+    assert_eq!(
+        py_connect(&d, "t", &[("127.0.0.1", port)])["conns"][0]["echo_ok"],
+        true
+    );
     assert_eq!(echo.accepted(), 2);
 
     d.stop(); // a clean stop leaves agents refused too
@@ -303,11 +369,21 @@ asyncio.run(main())
 "#,
         port = echo.addr.port(),
     );
-    let out = last_json(&assert_ok(&d.run_agent("load", &["python3", "-c", &script]), "load agent"));
-    assert_eq!(out["ok"], N, "every connection echoed its own payload: {out}");
+    let out = last_json(&assert_ok(
+        &d.run_agent("load", &["python3", "-c", &script]),
+        "load agent",
+    ));
+    assert_eq!(
+        out["ok"], N,
+        "every connection echoed its own payload: {out}"
+    );
     let sessions = d.wait_for_sessions(N);
     assert_eq!(sessions.len(), N);
-    assert!(sessions.iter().all(|s| s["bytes_up"] == 1200 && s["bytes_down"] == 1200));
+    assert!(
+        sessions
+            .iter()
+            .all(|s| s["bytes_up"] == 1200 && s["bytes_down"] == 1200)
+    );
     assert_eq!(echo.accepted(), N);
     // Agent sockets are closed: sock_release dropped the by-cookie entries; the proxy took every
     // by-address entry on accept.
@@ -317,7 +393,10 @@ asyncio.run(main())
         if r["orig_by_cookie_entries"] == 0 && r["orig_by_addr_entries"] == 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "map entries left behind: {r}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "map entries left behind: {r}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -350,8 +429,14 @@ for name, port in (("resolver", int(sys.argv[1])), ("other", int(sys.argv[2]))):
         s.close()
 print(json.dumps(res))
 "#;
-    let (rp, op) = (resolver.addr.port().to_string(), other.addr.port().to_string());
-    let out = last_json(&assert_ok(&d.run_agent("t", &["python3", "-c", script, &rp, &op]), "udp agent"));
+    let (rp, op) = (
+        resolver.addr.port().to_string(),
+        other.addr.port().to_string(),
+    );
+    let out = last_json(&assert_ok(
+        &d.run_agent("t", &["python3", "-c", script, &rp, &op]),
+        "udp agent",
+    ));
     assert_eq!(out["resolver_sendto"], "sent", "{out}");
     assert_eq!(out["resolver_connect"], "sent", "{out}");
     assert_eq!(out["other_sendto"], libc::EPERM, "{out}");
@@ -374,7 +459,11 @@ fn connecting_to_the_proxy_itself_is_refused() {
     });
     let out = py_connect(&d, "t", &[("127.0.0.1", d.port), ("::1", d.port)]);
     for c in out["conns"].as_array().unwrap() {
-        assert_eq!(c["errno"], libc::EPERM, "a loop through the proxy must be refused: {out}");
+        assert_eq!(
+            c["errno"],
+            libc::EPERM,
+            "a loop through the proxy must be refused: {out}"
+        );
     }
     assert!(d.sessions().is_empty());
 }
@@ -404,11 +493,20 @@ fn uninstall_removes_interception_and_run_then_refuses() {
     let mut d = TestDaemon::start(DaemonOptions::default());
     d.stop();
     let out = std::process::Command::new(chaperone_tests::chaperone_bin())
-        .args(["--config", d.config.to_str().unwrap(), "--json", "daemon", "--uninstall"])
+        .args([
+            "--config",
+            d.config.to_str().unwrap(),
+            "--json",
+            "daemon",
+            "--uninstall",
+        ])
         .output()
         .unwrap();
     let report = last_json(&assert_ok(&out, "uninstall"));
-    assert!(report["removed"].as_array().unwrap().len() >= 15, "{report}");
+    assert!(
+        report["removed"].as_array().unwrap().len() >= 15,
+        "{report}"
+    );
     assert!(!d.pin_dir.exists(), "pin dir removed");
     assert_eq!(d.status()["redirect"]["installed"], false);
     let out = d.run_agent("t", &["true"]);
@@ -432,11 +530,26 @@ fn agents_run_unprivileged_and_cannot_leave_their_cgroup() {
     let echo = EchoServer::start("127.0.0.1:0");
     let d = TestDaemon::start(DaemonOptions::default()); // the echo server is unlisted: denied
     // Root is refused unless asked for explicitly.
-    let out = d.cmd().args(["run", "--", "true"]).env_remove("SUDO_UID").output().unwrap();
+    let out = d
+        .cmd()
+        .args(["run", "--", "true"])
+        .env_remove("SUDO_UID")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("refusing to run the agent as root"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refusing to run the agent as root"),
+        "{}",
+        stderr(&out)
+    );
     // As nobody: no way back to the root cgroup, and still intercepted afterwards.
-    let mount = d.status()["agent_cgroup"].as_str().unwrap().rsplit_once('/').unwrap().0.to_string();
+    let mount = d.status()["agent_cgroup"]
+        .as_str()
+        .unwrap()
+        .rsplit_once('/')
+        .unwrap()
+        .0
+        .to_string();
     let script = format!(
         "id -u; echo $$ > {mount}/cgroup.procs && echo ESCAPED; python3 -c '{}' 127.0.0.1 {}",
         PY_CONNECT.replace('\'', "\"").replace("\"\"\"", ""),
@@ -445,8 +558,16 @@ fn agents_run_unprivileged_and_cannot_leave_their_cgroup() {
     let out = d.run_agent("t", &["sh", "-c", &script]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!stdout.contains("ESCAPED"), "{stdout}");
-    assert!(stderr(&out).contains("Permission denied"), "{}", stderr(&out));
-    assert_ne!(stdout.lines().next(), Some("0"), "the agent must not run as root");
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    assert_ne!(
+        stdout.lines().next(),
+        Some("0"),
+        "the agent must not run as root"
+    );
     let r = last_json(&stdout);
     assert_ne!(r["conns"][0]["echo_ok"], true, "{r}");
     assert_eq!(echo.accepted(), 0);
@@ -474,7 +595,12 @@ print(r.stdout.strip()); print(r.stderr.strip(), file=sys.stderr)
         port = echo.addr.port()
     );
     let out = std::process::Command::new("python3")
-        .args(["-c", &launcher, chaperone_tests::chaperone_bin().to_str().unwrap(), d.config.to_str().unwrap()])
+        .args([
+            "-c",
+            &launcher,
+            chaperone_tests::chaperone_bin().to_str().unwrap(),
+            d.config.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -490,26 +616,54 @@ fn pins_attached_to_another_tree_are_refused_by_daemon_and_run() {
     d.stop();
     // Same pins, another agent tree: adopting would leave the new tree unguarded.
     let original = std::fs::read_to_string(&d.config).unwrap();
-    let moved = original.replace("agent_cgroup: chaperone-e2e-", "agent_cgroup: chaperone-e2e-moved-");
+    let moved = original.replace(
+        "agent_cgroup: chaperone-e2e-",
+        "agent_cgroup: chaperone-e2e-moved-",
+    );
     let other = d.dir.join("moved.yaml");
     std::fs::write(&other, &moved).unwrap();
     let bin = chaperone_tests::chaperone_bin();
-    let daemon = std::process::Command::new(&bin).args(["--config", other.to_str().unwrap(), "daemon"]).output().unwrap();
+    let daemon = std::process::Command::new(&bin)
+        .args(["--config", other.to_str().unwrap(), "daemon"])
+        .output()
+        .unwrap();
     assert_eq!(daemon.status.code(), Some(2));
-    assert!(stderr(&daemon).contains("attached to another cgroup"), "{}", stderr(&daemon));
+    assert!(
+        stderr(&daemon).contains("attached to another cgroup"),
+        "{}",
+        stderr(&daemon)
+    );
     let run = std::process::Command::new(&bin)
-        .args(["--config", other.to_str().unwrap(), "run", "--user", "nobody", "--", "true"])
+        .args([
+            "--config",
+            other.to_str().unwrap(),
+            "run",
+            "--user",
+            "nobody",
+            "--",
+            "true",
+        ])
         .output()
         .unwrap();
     assert_eq!(run.status.code(), Some(2));
-    assert!(stderr(&run).contains("Refusing to run an agent unintercepted"), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("Refusing to run an agent unintercepted"),
+        "{}",
+        stderr(&run)
+    );
     let status: Value = serde_json::from_slice(
-        &std::process::Command::new(&bin).args(["--config", other.to_str().unwrap(), "--json", "status"]).output().unwrap().stdout,
+        &std::process::Command::new(&bin)
+            .args(["--config", other.to_str().unwrap(), "--json", "status"])
+            .output()
+            .unwrap()
+            .stdout,
     )
     .unwrap();
     assert_eq!(status["redirect"]["installed"], false, "{status}");
     // Clean up the moved tree the failed attempts created.
-    let _ = std::process::Command::new(&bin).args(["--config", other.to_str().unwrap(), "daemon", "--uninstall"]).output();
+    let _ = std::process::Command::new(&bin)
+        .args(["--config", other.to_str().unwrap(), "daemon", "--uninstall"])
+        .output();
 }
 
 #[test]
@@ -518,20 +672,41 @@ fn uninstall_refuses_while_agents_run_unless_forced() {
         return;
     }
     let mut d = TestDaemon::start(DaemonOptions::default());
-    let mut agent = chaperone_tests::KillOnDrop(d.cmd().args(["run", "--user", "nobody", "--", "sleep", "60"]).spawn().unwrap());
+    let mut agent = chaperone_tests::KillOnDrop(
+        d.cmd()
+            .args(["run", "--user", "nobody", "--", "sleep", "60"])
+            .spawn()
+            .unwrap(),
+    );
     std::thread::sleep(Duration::from_millis(300));
     // While the daemon runs, uninstall is refused outright.
     let out = d.cmd().args(["daemon", "--uninstall"]).output().unwrap();
-    assert!(stderr(&out).contains("another chaperone daemon"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another chaperone daemon"),
+        "{}",
+        stderr(&out)
+    );
     d.stop();
     let out = d.cmd().args(["daemon", "--uninstall"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("agents are still running"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("agents are still running"),
+        "{}",
+        stderr(&out)
+    );
     assert!(d.pin_dir.exists());
-    let out = d.cmd().args(["daemon", "--uninstall", "--force"]).output().unwrap();
+    let out = d
+        .cmd()
+        .args(["daemon", "--uninstall", "--force"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let status = agent.0.wait().unwrap();
-    assert_eq!(status.code(), Some(128 + libc::SIGKILL), "the agent was killed, not left unintercepted");
+    assert_eq!(
+        status.code(),
+        Some(128 + libc::SIGKILL),
+        "the agent was killed, not left unintercepted"
+    );
     assert!(!d.pin_dir.exists());
 }
 
@@ -557,7 +732,11 @@ fn remote_targets_are_relayed_and_agents_accept_nothing_from_outside() {
         .spawn()
         .unwrap());
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(remote.0.stdout.as_mut().unwrap()), &mut line).unwrap();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(remote.0.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
     assert_eq!(line.trim(), "up");
     let d = TestDaemon::start(DaemonOptions {
         targets: vec![("remote".into(), peer.peer_ip.to_string(), port)],
@@ -565,7 +744,10 @@ fn remote_targets_are_relayed_and_agents_accept_nothing_from_outside() {
     });
     let out = py_connect(&d, "t", &[(&peer.peer_ip.to_string(), port)]);
     assert_eq!(out["conns"][0]["echo_ok"], true, "{out}");
-    assert_eq!(out["conns"][0]["peer"], serde_json::json!([peer.peer_ip.to_string(), port]));
+    assert_eq!(
+        out["conns"][0]["peer"],
+        serde_json::json!([peer.peer_ip.to_string(), port])
+    );
 
     // The agent listens on all addresses (no bind needed: listen() alone autobinds). A client
     // on the remote host cannot reach it; one on loopback can.
@@ -575,7 +757,15 @@ fn remote_targets_are_relayed_and_agents_accept_nothing_from_outside() {
     );
     let mut agent = chaperone_tests::KillOnDrop(
         d.cmd()
-            .args(["run", "--user", "nobody", "--", "python3", "-c", &agent_script])
+            .args([
+                "run",
+                "--user",
+                "nobody",
+                "--",
+                "python3",
+                "-c",
+                &agent_script,
+            ])
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap(),
@@ -594,11 +784,21 @@ fn remote_targets_are_relayed_and_agents_accept_nothing_from_outside() {
         ])
         .output()
         .unwrap();
-    let from_remote = String::from_utf8_lossy(&from_remote.stdout).trim().to_string();
-    assert!(from_remote.starts_with("failed"), "a remote host reached an agent's socket: {from_remote}");
-    TcpStream::connect(("127.0.0.1", listen_port)).expect("loopback clients may reach agent servers");
+    let from_remote = String::from_utf8_lossy(&from_remote.stdout)
+        .trim()
+        .to_string();
+    assert!(
+        from_remote.starts_with("failed"),
+        "a remote host reached an agent's socket: {from_remote}"
+    );
+    TcpStream::connect(("127.0.0.1", listen_port))
+        .expect("loopback clients may reach agent servers");
     let mut rest = String::new();
     reader.read_to_string(&mut rest).unwrap();
-    assert_eq!(rest.trim(), "accepted 1", "only the loopback connection was accepted");
+    assert_eq!(
+        rest.trim(),
+        "accepted 1",
+        "only the loopback connection was accepted"
+    );
     drop((agent, remote));
 }

@@ -4,7 +4,9 @@
 //! upstream as `agent_ro` with the credential from its secrets file, and judges every statement
 //! against a read-only grant.
 
-use chaperone_tests::{DaemonOptions, Postgres, TestDaemon, assert_ok, last_json, set_mode, skip_unless_root};
+use chaperone_tests::{
+    DaemonOptions, Postgres, TestDaemon, assert_ok, last_json, set_mode, skip_unless_root,
+};
 use serde_json::Value;
 use std::{
     path::PathBuf,
@@ -40,8 +42,15 @@ impl Env {
     /// refused startup over TLS is retried in the clear, which would double the sessions the
     /// tests count.
     fn conninfo(&self, extra: &str) -> String {
-        let ssl = if extra.contains("sslmode") { "" } else { "sslmode=disable" };
-        format!("host=127.0.0.1 port={} dbname=app user=whoever connect_timeout=10 {ssl} {extra}", self.pg.port)
+        let ssl = if extra.contains("sslmode") {
+            ""
+        } else {
+            "sslmode=disable"
+        };
+        format!(
+            "host=127.0.0.1 port={} dbname=app user=whoever connect_timeout=10 {ssl} {extra}",
+            self.pg.port
+        )
     }
 
     /// Run an agent program as `agent` under a time limit (a hang fails the test, not the run).
@@ -94,7 +103,12 @@ fn stdout(o: &Output) -> String {
 }
 
 fn show(o: &Output) -> String {
-    format!("exit {:?}\nstdout:\n{}\nstderr:\n{}", o.status.code(), stdout(o), stderr(o))
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    )
 }
 
 #[test]
@@ -113,12 +127,21 @@ fn psql_reads_through_the_proxy_as_the_injected_role_read_only() {
     ]);
     assert_eq!(
         out.lines().collect::<Vec<_>>(),
-        ["ada@example.com", "brian@example.com", "grace@example.com", "agent_ro", "on"],
+        [
+            "ada@example.com",
+            "brian@example.com",
+            "grace@example.com",
+            "agent_ro",
+            "on"
+        ],
         "rows, then the credential's role (not the agent's `whoever`), then read-only mode"
     );
     // The session record.
     let sessions = e.d.wait_for_sessions(1);
-    let s = sessions.iter().find(|s| s["protocol"] == "postgres").unwrap_or_else(|| panic!("{sessions:#?}"));
+    let s = sessions
+        .iter()
+        .find(|s| s["protocol"] == "postgres")
+        .unwrap_or_else(|| panic!("{sessions:#?}"));
     assert_eq!(s["target"], "app");
     assert_eq!(s["agent"]["name"], "agent");
     assert_eq!(s["statements_allowed"], 3, "{s}");
@@ -137,7 +160,10 @@ fn postgres_session_records_count_bytes_both_ways() {
     let s = &sessions[0];
     // As for raw TCP sessions: bytes from the agent, bytes to it.
     assert!(s["bytes_up"].as_u64().unwrap() > 0, "bytes_up: {s}");
-    assert!(s["bytes_down"].as_u64().unwrap() > 100_000, "bytes_down: {s}");
+    assert!(
+        s["bytes_down"].as_u64().unwrap() > 100_000,
+        "bytes_down: {s}"
+    );
 }
 
 #[test]
@@ -153,7 +179,15 @@ fn denied_write_is_refused_with_42501_and_the_session_goes_on() {
     assert_eq!(e.users(), "3", "the rows are still there");
 
     // The same psql session: the statement after the refusal runs.
-    let o = e.psql("", &["-c", "DELETE FROM users", "-c", "SELECT 'still here', count(*) FROM users"]);
+    let o = e.psql(
+        "",
+        &[
+            "-c",
+            "DELETE FROM users",
+            "-c",
+            "SELECT 'still here', count(*) FROM users",
+        ],
+    );
     assert!(stderr(&o).contains(DENIED), "{}", show(&o));
     assert_eq!(stdout(&o).trim(), "still here|3", "{}", show(&o));
     assert_eq!(e.users(), "3");
@@ -165,15 +199,25 @@ fn a_denial_inside_a_transaction_aborts_it_like_a_server_error() {
         return;
     }
     let e = env();
-    let script = e.agent_file("tx.sql", "BEGIN;\nSELECT 1;\nDELETE FROM users;\nSELECT 2;\nROLLBACK;\nSELECT 3;\n");
+    let script = e.agent_file(
+        "tx.sql",
+        "BEGIN;\nSELECT 1;\nDELETE FROM users;\nSELECT 2;\nROLLBACK;\nSELECT 3;\n",
+    );
     let o = e.psql("", &["-f", script.to_str().unwrap()]);
     let (out, err) = (stdout(&o), stderr(&o));
     assert!(err.contains(DENIED), "{}", show(&o));
-    assert!(err.contains("current transaction is aborted"), "SELECT 2 in the failed block: {}", show(&o));
+    assert!(
+        err.contains("current transaction is aborted"),
+        "SELECT 2 in the failed block: {}",
+        show(&o)
+    );
     let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(lines, ["BEGIN", "1", "ROLLBACK", "3"], "{}", show(&o));
     // The order on stderr: the denial (line 3) before the aborted-transaction error (line 4).
-    let (denied_at, aborted_at) = (err.find(DENIED).unwrap(), err.find("current transaction is aborted").unwrap());
+    let (denied_at, aborted_at) = (
+        err.find(DENIED).unwrap(),
+        err.find("current transaction is aborted").unwrap(),
+    );
     assert!(denied_at < aborted_at, "{err}");
     assert_eq!(e.users(), "3");
 }
@@ -187,30 +231,57 @@ fn a_multi_statement_query_with_one_write_is_denied_as_a_whole() {
     let o = e.psql("", &["-c", "SELECT 'first half ran'; DELETE FROM users"]);
     assert_eq!(o.status.code(), Some(1), "{}", show(&o));
     assert!(stderr(&o).contains(DENIED), "{}", show(&o));
-    assert!(!stdout(&o).contains("first half ran"), "no part of it ran: {}", show(&o));
+    assert!(
+        !stdout(&o).contains("first half ran"),
+        "no part of it ran: {}",
+        show(&o)
+    );
     assert_eq!(e.users(), "3");
 }
 
 #[test]
 fn startup_parameters_that_change_privilege_or_mode_and_other_databases_are_refused() {
-    if skip_unless_root("startup_parameters_that_change_privilege_or_mode_and_other_databases_are_refused") {
+    if skip_unless_root(
+        "startup_parameters_that_change_privilege_or_mode_and_other_databases_are_refused",
+    ) {
         return;
     }
     let e = env();
     for (extra, what) in [
-        ("options='-c role=postgres'", "startup parameter `options` is not allowed"),
-        ("options='-c default_transaction_read_only=off'", "startup parameter `options` is not allowed"),
-        ("dbname=postgres", "database `postgres` is not reachable through target `app`"),
+        (
+            "options='-c role=postgres'",
+            "startup parameter `options` is not allowed",
+        ),
+        (
+            "options='-c default_transaction_read_only=off'",
+            "startup parameter `options` is not allowed",
+        ),
+        (
+            "dbname=postgres",
+            "database `postgres` is not reachable through target `app`",
+        ),
     ] {
         let o = e.psql(extra, &["-c", "SELECT current_user"]);
-        assert_eq!(o.status.code(), Some(2), "{extra}: psql's connection failure: {}", show(&o));
-        assert!(stderr(&o).contains(&format!("FATAL:  chaperone: {what}")), "{extra}: {}", show(&o));
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{extra}: psql's connection failure: {}",
+            show(&o)
+        );
+        assert!(
+            stderr(&o).contains(&format!("FATAL:  chaperone: {what}")),
+            "{extra}: {}",
+            show(&o)
+        );
         assert!(stdout(&o).is_empty(), "{}", show(&o));
     }
     // The SQLSTATEs (libpq does not print them for connection failures): a raw client.
     for (params, code) in [
         (r#"{"options": "-c role=postgres"}"#, "42501"),
-        (r#"{"options": "-c default_transaction_read_only=off"}"#, "42501"),
+        (
+            r#"{"options": "-c default_transaction_read_only=off"}"#,
+            "42501",
+        ),
         (r#"{"role": "postgres"}"#, "42501"),
         (r#"{"replication": "database"}"#, "42501"),
         (r#"{"database": "postgres"}"#, "3D000"),
@@ -227,9 +298,18 @@ fn startup_parameters_that_change_privilege_or_mode_and_other_databases_are_refu
     let o = e.psql("application_name=tester", &["-c", "SHOW application_name"]);
     assert_eq!(assert_ok(&o, "psql application_name").trim(), "tester");
     let sessions = e.d.wait_for_sessions(10);
-    let refused =
-        sessions.iter().filter(|s| s["error"].as_str().is_some_and(|e| e.contains("startup refused"))).count();
-    assert_eq!(refused, 8, "each refused startup is recorded with its error: {sessions:#?}");
+    let refused = sessions
+        .iter()
+        .filter(|s| {
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("startup refused"))
+        })
+        .count();
+    assert_eq!(
+        refused, 8,
+        "each refused startup is recorded with its error: {sessions:#?}"
+    );
 }
 
 #[test]
@@ -241,19 +321,30 @@ fn copy_out_works_and_copy_in_is_denied() {
     let out = e.psql_ok(&["-c", "\\copy users to stdout"]);
     assert_eq!(
         out.lines().collect::<Vec<_>>(),
-        ["1\tada@example.com", "2\tbrian@example.com", "3\tgrace@example.com"],
+        [
+            "1\tada@example.com",
+            "2\tbrian@example.com",
+            "3\tgrace@example.com"
+        ],
         "{out}"
     );
     let out = e.psql_ok(&["-c", "COPY (SELECT id FROM users ORDER BY id) TO STDOUT"]);
     assert_eq!(out.lines().collect::<Vec<_>>(), ["1", "2", "3"]);
 
     let data = e.agent_file("rows.tsv", "99\tmallory@example.com\n");
-    let o = e.psql("", &["-c", &format!("\\copy users from '{}'", data.display())]);
+    let o = e.psql(
+        "",
+        &["-c", &format!("\\copy users from '{}'", data.display())],
+    );
     assert_ne!(o.status.code(), Some(0), "{}", show(&o));
     assert!(stderr(&o).contains(DENIED), "{}", show(&o));
     let o = e.psql("", &["-c", "COPY users FROM STDIN", "-c", "SELECT 'after'"]);
     assert!(stderr(&o).contains(DENIED), "{}", show(&o));
-    assert!(stdout(&o).contains("after"), "the session goes on: {}", show(&o));
+    assert!(
+        stdout(&o).contains("after"),
+        "the session goes on: {}",
+        show(&o)
+    );
     assert_eq!(e.users(), "3");
 }
 
@@ -265,12 +356,32 @@ fn pgbench_select_only_runs_through_the_proxy() {
     let e = env();
     let port = e.pg.port.to_string();
     for mode in ["prepared", "simple", "extended"] {
-        let o =
-            e.agent(&["pgbench", "-n", "-S", "-M", mode, "-t", "50", "-h", "127.0.0.1", "-p", &port, "-U", "x", "app"]);
+        let o = e.agent(&[
+            "pgbench",
+            "-n",
+            "-S",
+            "-M",
+            mode,
+            "-t",
+            "50",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "x",
+            "app",
+        ]);
         assert_eq!(o.status.code(), Some(0), "pgbench -M {mode}: {}", show(&o));
         let out = stdout(&o);
-        assert!(out.contains("number of transactions actually processed: 50/50"), "-M {mode}: {out}");
-        assert!(out.contains("number of failed transactions: 0"), "-M {mode}: {out}");
+        assert!(
+            out.contains("number of transactions actually processed: 50/50"),
+            "-M {mode}: {out}"
+        );
+        assert!(
+            out.contains("number of failed transactions: 0"),
+            "-M {mode}: {out}"
+        );
     }
     // pgbench opens a setup connection and a client connection per run.
     let sessions = e.d.wait_for_sessions(6);
@@ -282,7 +393,10 @@ fn pgbench_select_only_runs_through_the_proxy() {
     }
     // -M simple and -M extended send (and the proxy judges) every statement; -M prepared
     // parses once.
-    let judged: u64 = sessions.iter().map(|s| s["statements_allowed"].as_u64().unwrap()).sum();
+    let judged: u64 = sessions
+        .iter()
+        .map(|s| s["statements_allowed"].as_u64().unwrap())
+        .sum();
     assert!(judged >= 100, "{sessions:#?}");
 }
 
@@ -328,15 +442,25 @@ fn psycopg_pipeline_with_a_denied_statement_in_the_middle() {
     let e = env();
     let out = e.python(PY_PIPELINE, &[&e.conninfo("")]);
     assert_eq!(out["raised"]["sqlstate"], "42501", "{out:#}");
-    assert!(out["raised"]["message"].as_str().unwrap().contains(DENIED), "{out:#}");
+    assert!(
+        out["raised"]["message"].as_str().unwrap().contains(DENIED),
+        "{out:#}"
+    );
     let r = &out["results"];
     assert_eq!(
         r[0]["rows"],
-        serde_json::json!([["ada@example.com"], ["brian@example.com"], ["grace@example.com"]]),
+        serde_json::json!([
+            ["ada@example.com"],
+            ["brian@example.com"],
+            ["grace@example.com"]
+        ]),
         "{out:#}"
     );
     assert_eq!(r[1]["rows"], serde_json::json!([[3]]), "{out:#}");
-    assert!(r[2]["rows"].is_null(), "the denied statement has no result: {out:#}");
+    assert!(
+        r[2]["rows"].is_null(),
+        "the denied statement has no result: {out:#}"
+    );
     // What came after the refusal in the same batch is skipped, as after a server error.
     assert!(r[3]["rows"].is_null() && r[4]["rows"].is_null(), "{out:#}");
     assert_eq!(out["status_after"], "INERROR", "{out:#}");
@@ -376,7 +500,10 @@ fn assert_cancelled(out: &Value) {
     assert_eq!(out["outcome"], "QueryCanceled", "{out:#}");
     assert_eq!(out["sqlstate"], "57014", "{out:#}");
     let elapsed = out["elapsed"].as_f64().unwrap();
-    assert!((0.4..5.0).contains(&elapsed), "cancelled after {elapsed} s: {out:#}");
+    assert!(
+        (0.4..5.0).contains(&elapsed),
+        "cancelled after {elapsed} s: {out:#}"
+    );
     assert_eq!(out["after"], "usable", "{out:#}");
 }
 
@@ -389,7 +516,11 @@ fn cancel_request_reaches_the_backend_through_the_proxy() {
     // A long read that needs no function grant: 10^10 joined rows.
     let long = "SELECT count(*) FROM pgbench_accounts a CROSS JOIN pgbench_accounts b";
     assert_cancelled(&e.python(PY_CANCEL, &[&e.conninfo(""), long]));
-    assert!(e.d.log().contains("forwarding a cancel request"), "{}", e.d.log());
+    assert!(
+        e.d.log().contains("forwarding a cancel request"),
+        "{}",
+        e.d.log()
+    );
 }
 
 #[test]
@@ -400,7 +531,11 @@ fn a_function_the_grant_lists_runs_and_can_be_cancelled() {
     // The grant lists `functions: [pg_sleep]` (classes read, session, transaction).
     let e = env();
     let o = e.psql("", &["-c", "SELECT pg_sleep(0.01)"]);
-    assert!(o.status.success() && !stderr(&o).contains(DENIED), "pg_sleep is granted: {}", show(&o));
+    assert!(
+        o.status.success() && !stderr(&o).contains(DENIED),
+        "pg_sleep is granted: {}",
+        show(&o)
+    );
     assert_cancelled(&e.python(PY_CANCEL, &[&e.conninfo(""), "SELECT pg_sleep(10)"]));
     // Not granted: another non-built-in function.
     let o = e.psql("", &["-c", "SELECT pg_advisory_lock(1)"]);
@@ -509,7 +644,11 @@ fn raw_with(e: &Env, case: &str, params: &str) -> Value {
 
 fn error_fields(m: &Value) -> (&str, &str, &str) {
     let f = &m["fields"];
-    (f["S"].as_str().unwrap_or(""), f["C"].as_str().unwrap_or(""), f["M"].as_str().unwrap_or(""))
+    (
+        f["S"].as_str().unwrap_or(""),
+        f["C"].as_str().unwrap_or(""),
+        f["M"].as_str().unwrap_or(""),
+    )
 }
 
 #[test]
@@ -519,18 +658,36 @@ fn function_call_message_is_denied_and_the_session_goes_on() {
     }
     let e = env();
     let out = raw(&e, "function_call");
-    assert_eq!(out["startup"].as_array().unwrap().last().unwrap()["tag"], "Z", "{out:#}");
-    let tags: Vec<&str> = out["msgs"].as_array().unwrap().iter().map(|m| m["tag"].as_str().unwrap()).collect();
+    assert_eq!(
+        out["startup"].as_array().unwrap().last().unwrap()["tag"],
+        "Z",
+        "{out:#}"
+    );
+    let tags: Vec<&str> = out["msgs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["tag"].as_str().unwrap())
+        .collect();
     assert_eq!(tags, ["E", "Z"], "{out:#}");
     let (sev, code, msg) = error_fields(&out["msgs"][0]);
     assert_eq!((sev, code), ("ERROR", "42501"), "{out:#}");
-    assert!(msg.contains(DENIED) && msg.contains("FunctionCall"), "{out:#}");
-    assert_eq!(out["after"], serde_json::json!(["T", "D", "C", "Z"]), "{out:#}");
+    assert!(
+        msg.contains(DENIED) && msg.contains("FunctionCall"),
+        "{out:#}"
+    );
+    assert_eq!(
+        out["after"],
+        serde_json::json!(["T", "D", "C", "Z"]),
+        "{out:#}"
+    );
 }
 
 #[test]
 fn malformed_client_input_ends_the_session_with_08p01_and_the_daemon_keeps_serving() {
-    if skip_unless_root("malformed_client_input_ends_the_session_with_08p01_and_the_daemon_keeps_serving") {
+    if skip_unless_root(
+        "malformed_client_input_ends_the_session_with_08p01_and_the_daemon_keeps_serving",
+    ) {
         return;
     }
     let e = env();
@@ -544,7 +701,9 @@ fn malformed_client_input_ends_the_session_with_08p01_and_the_daemon_keeps_servi
             && error_fields(&msgs[0]).1 == "08P01"
             && out["end"] == "eof";
         if !ok {
-            problems.push(format!("{case}: expected one FATAL 08P01 ErrorResponse then EOF, got {out}"));
+            problems.push(format!(
+                "{case}: expected one FATAL 08P01 ErrorResponse then EOF, got {out}"
+            ));
         }
     }
     // A truncated message, then the client's end: the session ends (no hang); if the proxy says
@@ -585,7 +744,10 @@ fn corpus() -> Vec<(usize, bool, String)> {
             }
         }
     }
-    assert!(cases.len() > 50 && cases.iter().all(|c| !c.2.is_empty()), "corpus parse: {cases:?}");
+    assert!(
+        cases.len() > 50 && cases.iter().all(|c| !c.2.is_empty()),
+        "corpus parse: {cases:?}"
+    );
     cases
 }
 
@@ -627,7 +789,13 @@ fn bypass_corpus_end_to_end_through_psql() {
     }
     let mut m = mismatches.lock().unwrap().clone();
     m.sort();
-    assert!(m.is_empty(), "{} of {} corpus cases mismatched:\n{}", m.len(), cases.len(), m.join("\n"));
+    assert!(
+        m.is_empty(),
+        "{} of {} corpus cases mismatched:\n{}",
+        m.len(),
+        cases.len(),
+        m.join("\n")
+    );
     assert_eq!(e.users(), "3", "no corpus case wrote");
     eprintln!("corpus: {} cases in {:?}", cases.len(), started.elapsed());
 }
@@ -658,22 +826,42 @@ fn the_credential_never_leaks_and_sessions_are_recorded_as_postgres() {
     }
     let id = |s: &Value| s["id"].clone();
     let s1 = &first[0];
-    assert_eq!((s1["statements_allowed"].as_u64(), s1["statements_denied"].as_u64()), (Some(1), Some(0)), "{s1}");
+    assert_eq!(
+        (
+            s1["statements_allowed"].as_u64(),
+            s1["statements_denied"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{s1}"
+    );
     let later: Vec<&Value> = sessions.iter().filter(|s| id(s) != id(s1)).collect();
-    let with_denials = later.iter().filter(|s| s["statements_denied"].as_u64().unwrap_or(0) > 0).count();
-    assert_eq!(with_denials, 2, "the psql and the psycopg sessions each had a denial: {later:#?}");
+    let with_denials = later
+        .iter()
+        .filter(|s| s["statements_denied"].as_u64().unwrap_or(0) > 0)
+        .count();
+    assert_eq!(
+        with_denials, 2,
+        "the psql and the psycopg sessions each had a denial: {later:#?}"
+    );
     assert!(
-        later.iter().any(|s| s["statements_allowed"] == 1 && s["statements_denied"] == 1),
+        later
+            .iter()
+            .any(|s| s["statements_allowed"] == 1 && s["statements_denied"] == 1),
         "psql -c 'SELECT 1' -c 'DELETE …': {later:#?}"
     );
     assert!(
-        later.iter().any(|s| s["statements_allowed"] == 0 && s["statements_denied"] == 0 && !s["error"].is_null()),
+        later.iter().any(|s| s["statements_allowed"] == 0
+            && s["statements_denied"] == 0
+            && !s["error"].is_null()),
         "the refused startup is recorded with its error: {later:#?}"
     );
 
     // Nowhere the daemon writes: its log, the session log, anything in its state directory.
     let pw = &e.pg.ro_password;
-    assert!(!e.d.log().contains(pw.as_str()), "daemon log has the password");
+    assert!(
+        !e.d.log().contains(pw.as_str()),
+        "daemon log has the password"
+    );
     let mut files = vec![e.d.dir.join("state/sessions.jsonl")];
     assert!(files[0].exists());
     for f in std::fs::read_dir(e.d.dir.join("state")).unwrap().flatten() {
@@ -682,7 +870,11 @@ fn the_credential_never_leaks_and_sessions_are_recorded_as_postgres() {
     for f in files {
         if f.is_file() {
             let bytes = std::fs::read(&f).unwrap();
-            assert!(!bytes.windows(pw.len()).any(|w| w == pw.as_bytes()), "{} contains the password", f.display());
+            assert!(
+                !bytes.windows(pw.len()).any(|w| w == pw.as_bytes()),
+                "{} contains the password",
+                f.display()
+            );
         }
     }
     // Nor did any agent see it (psql's output, the server's parameter statuses).
@@ -700,9 +892,30 @@ fn client_encodings_that_change_how_bytes_parse_are_refused() {
     let e = env();
     let o = e.psql("client_encoding=SJIS", &["-c", "SELECT 1"]);
     assert_eq!(o.status.code(), Some(2), "{}", show(&o));
-    assert!(stderr(&o).contains("client_encoding `SJIS` is not allowed"), "{}", show(&o));
-    let o = e.psql("", &["-c", "SET client_encoding = 'SJIS'", "-c", "SHOW client_encoding"]);
+    assert!(
+        stderr(&o).contains("client_encoding `SJIS` is not allowed"),
+        "{}",
+        show(&o)
+    );
+    let o = e.psql(
+        "",
+        &[
+            "-c",
+            "SET client_encoding = 'SJIS'",
+            "-c",
+            "SHOW client_encoding",
+        ],
+    );
     assert!(stderr(&o).contains(DENIED), "{}", show(&o));
-    assert_eq!(stdout(&o).trim(), "UTF8", "the encoding did not change: {}", show(&o));
-    assert_eq!(e.psql_ok(&["-c", "SELECT 1"]).trim(), "1", "UTF8 clients work");
+    assert_eq!(
+        stdout(&o).trim(),
+        "UTF8",
+        "the encoding did not change: {}",
+        show(&o)
+    );
+    assert_eq!(
+        e.psql_ok(&["-c", "SELECT 1"]).trim(),
+        "1",
+        "UTF8 clients work"
+    );
 }

@@ -16,12 +16,23 @@ fn daemon(pg: &Postgres, tls_fields: &str) -> TestDaemon {
 }
 
 fn psql(d: &TestDaemon, pg: &Postgres, sslmode: &str, sql: &str) -> Output {
-    let conn = format!("host=127.0.0.1 port={} dbname=app user=x sslmode={sslmode} connect_timeout=10", pg.port);
-    d.run_agent("agent", &["timeout", "30", "psql", "-X", "-A", "-t", &conn, "-c", sql])
+    let conn = format!(
+        "host=127.0.0.1 port={} dbname=app user=x sslmode={sslmode} connect_timeout=10",
+        pg.port
+    );
+    d.run_agent(
+        "agent",
+        &["timeout", "30", "psql", "-X", "-A", "-t", &conn, "-c", sql],
+    )
 }
 
 fn text(o: &Output) -> String {
-    format!("status {}\nstdout:\n{}\nstderr:\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Whether the upstream backend serving this session runs over TLS, as the server sees it.
@@ -36,10 +47,19 @@ fn an_agent_that_insists_on_tls_gets_it_from_the_daemon() {
     let d = daemon(&pg, "");
     let o = psql(&d, &pg, "require", "\\conninfo");
     assert!(o.status.success(), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("SSL connection"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("SSL connection"),
+        "{}",
+        text(&o)
+    );
     // The upstream hop stays as configured (cleartext here): TLS was terminated by the daemon.
     let o = psql(&d, &pg, "require", UPSTREAM_SSL);
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "f", "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "f",
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -50,13 +70,21 @@ fn upstream_tls_verify_full_and_require_reach_the_server_encrypted() {
     let pg = Postgres::start();
     let ca = pg.enable_tls();
     for fields in [
-        format!(", tls: verify-full, tls_ca_file: \"{}\", tls_server_name: 127.0.0.1", ca.display()),
+        format!(
+            ", tls: verify-full, tls_ca_file: \"{}\", tls_server_name: 127.0.0.1",
+            ca.display()
+        ),
         ", tls: require".to_string(),
     ] {
         let d = daemon(&pg, &fields);
         let o = psql(&d, &pg, "disable", UPSTREAM_SSL);
         assert!(o.status.success(), "{fields}: {}", text(&o));
-        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "t", "{fields}: the server sees TLS: {}", text(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            "t",
+            "{fields}: the server sees TLS: {}",
+            text(&o)
+        );
     }
 }
 
@@ -70,20 +98,39 @@ fn upstream_tls_fails_closed() {
     let d = daemon(&pg, ", tls: require");
     let o = psql(&d, &pg, "disable", "SELECT 1");
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("target `app` is unavailable"), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("target `app` is unavailable"),
+        "{}",
+        text(&o)
+    );
     let sessions = d.wait_for_sessions(1);
-    assert!(sessions[0]["error"].as_str().unwrap_or("").contains("does not offer TLS"), "{sessions:#?}");
+    assert!(
+        sessions[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("does not offer TLS"),
+        "{sessions:#?}"
+    );
     drop(d);
 
     // A server whose certificate the configured CA did not sign: refused under verify-full.
     pg.enable_tls();
     let other = Postgres::start();
     let wrong_ca = other.enable_tls();
-    let d = daemon(&pg, &format!(", tls: verify-full, tls_ca_file: \"{}\", tls_server_name: 127.0.0.1", wrong_ca.display()));
+    let d = daemon(
+        &pg,
+        &format!(
+            ", tls: verify-full, tls_ca_file: \"{}\", tls_server_name: 127.0.0.1",
+            wrong_ca.display()
+        ),
+    );
     let o = psql(&d, &pg, "disable", "SELECT 1");
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let sessions = d.wait_for_sessions(1);
     let error = sessions[0]["error"].as_str().unwrap_or("");
-    assert!(error.contains("TLS handshake") && error.contains("certificate"), "{error}");
+    assert!(
+        error.contains("TLS handshake") && error.contains("certificate"),
+        "{error}"
+    );
     assert!(Path::new(&wrong_ca).exists());
 }

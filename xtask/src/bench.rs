@@ -67,7 +67,8 @@ pub fn client(echo: SocketAddr, sink: SocketAddr) -> Result<()> {
         lat.push(t.elapsed());
     }
     lat.sort();
-    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6;
+    let pct =
+        |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)].as_secs_f64() * 1e6;
     let mut c = TcpStream::connect(sink)?;
     let buf = vec![7u8; BUF];
     let t = Instant::now();
@@ -91,7 +92,8 @@ fn parse(out: &[u8]) -> Result<[f64; 3]> {
         .map(str::parse)
         .collect::<Result<_, _>>()
         .with_context(|| format!("client printed `{text}`"))?;
-    v.try_into().map_err(|_| anyhow::anyhow!("client printed `{text}`"))
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("client printed `{text}`"))
 }
 
 pub fn relay(chaperone: &Path, client_bin: &Path) -> Result<()> {
@@ -109,11 +111,18 @@ pub fn relay(chaperone: &Path, client_bin: &Path) -> Result<()> {
         ),
     )?;
     let me = client_bin;
-    let client_args = ["bench-client".to_string(), echo.to_string(), sink.to_string()];
+    let client_args = [
+        "bench-client".to_string(),
+        echo.to_string(),
+        sink.to_string(),
+    ];
 
     let direct = Command::new(me).args(&client_args).output()?;
     if !direct.status.success() {
-        bail!("direct client failed: {}", String::from_utf8_lossy(&direct.stderr));
+        bail!(
+            "direct client failed: {}",
+            String::from_utf8_lossy(&direct.stderr)
+        );
     }
     let direct = parse(&direct.stdout)?;
 
@@ -127,24 +136,65 @@ pub fn relay(chaperone: &Path, client_bin: &Path) -> Result<()> {
     );
     crate::wait_ready(chaperone, Some(&config), &mut daemon)?;
     let via = Command::new(chaperone)
-        .args(["--config", config.to_str().unwrap(), "run", "--as", "bench", "--user", "nobody", "--"])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "run",
+            "--as",
+            "bench",
+            "--user",
+            "nobody",
+            "--",
+        ])
         .arg(me)
         .args(&client_args)
         .output()?;
     drop(daemon);
     let _ = Command::new(chaperone)
-        .args(["--config", config.to_str().unwrap(), "daemon", "--uninstall"])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "daemon",
+            "--uninstall",
+        ])
         .output();
     if !via.status.success() {
-        bail!("client as agent failed: {}", String::from_utf8_lossy(&via.stderr));
+        bail!(
+            "client as agent failed: {}",
+            String::from_utf8_lossy(&via.stderr)
+        );
     }
     let via = parse(&via.stdout)?;
 
-    println!("\nrelay benchmark ({SHORT_CONNS} short connections, {} GiB bulk; same run, same machine)", BULK_BYTES >> 30);
-    println!("{:<34} {:>10} {:>12} {:>12}", "", "direct", "chaperone", "difference");
-    println!("{:<34} {:>10.1} {:>12.1} {:>+11.1}", "connect+1B round trip p50 (µs)", direct[0], via[0], via[0] - direct[0]);
-    println!("{:<34} {:>10.1} {:>12.1} {:>+11.1}", "connect+1B round trip p99 (µs)", direct[1], via[1], via[1] - direct[1]);
-    println!("{:<34} {:>10.2} {:>12.2} {:>10.0} %", "bulk throughput (GB/s)", direct[2], via[2], via[2] / direct[2] * 100.0);
+    println!(
+        "\nrelay benchmark ({SHORT_CONNS} short connections, {} GiB bulk; same run, same machine)",
+        BULK_BYTES >> 30
+    );
+    println!(
+        "{:<34} {:>10} {:>12} {:>12}",
+        "", "direct", "chaperone", "difference"
+    );
+    println!(
+        "{:<34} {:>10.1} {:>12.1} {:>+11.1}",
+        "connect+1B round trip p50 (µs)",
+        direct[0],
+        via[0],
+        via[0] - direct[0]
+    );
+    println!(
+        "{:<34} {:>10.1} {:>12.1} {:>+11.1}",
+        "connect+1B round trip p99 (µs)",
+        direct[1],
+        via[1],
+        via[1] - direct[1]
+    );
+    println!(
+        "{:<34} {:>10.2} {:>12.2} {:>10.0} %",
+        "bulk throughput (GB/s)",
+        direct[2],
+        via[2],
+        via[2] / direct[2] * 100.0
+    );
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
@@ -160,7 +210,11 @@ fn pgbench(cmd: &mut Command) -> Result<PgFigures> {
     let out = cmd.output().context("running pgbench")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        bail!("pgbench failed: {}{}", text, String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "pgbench failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let find = |prefix: &str| -> Result<f64> {
         text.lines()
@@ -179,17 +233,34 @@ const PG_CLIENTS: &str = "10";
 const PG_SECONDS: &str = "15";
 
 fn pgbench_args(mode: &str, port: u16, user: &str) -> Vec<String> {
-    ["-n", "-S", "-M", mode, "-c", PG_CLIENTS, "-j", "2", "-T", PG_SECONDS, "-h", "127.0.0.1", "-p"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([port.to_string(), "-U".into(), user.into(), "app".into()])
-        .collect()
+    [
+        "-n",
+        "-S",
+        "-M",
+        mode,
+        "-c",
+        PG_CLIENTS,
+        "-j",
+        "2",
+        "-T",
+        PG_SECONDS,
+        "-h",
+        "127.0.0.1",
+        "-p",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([port.to_string(), "-U".into(), user.into(), "app".into()])
+    .collect()
 }
 
 /// PgBouncer in transaction mode in front of `pg`, as the `postgres` OS user (it refuses root).
 fn start_pgbouncer(pg: &Postgres, dir: &Path) -> Result<(crate::Guard, u16)> {
     let port = chaperone_tests::free_port();
-    std::fs::write(dir.join("userlist.txt"), format!("\"agent_ro\" \"{}\"\n", pg.ro_password))?;
+    std::fs::write(
+        dir.join("userlist.txt"),
+        format!("\"agent_ro\" \"{}\"\n", pg.ro_password),
+    )?;
     std::fs::write(
         dir.join("pgbouncer.ini"),
         format!(
@@ -202,10 +273,19 @@ fn start_pgbouncer(pg: &Postgres, dir: &Path) -> Result<(crate::Guard, u16)> {
             dir.join("pgbouncer.pid").display()
         ),
     )?;
-    Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir).status()?;
+    Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir)
+        .status()?;
     // setpriv execs in place (runuser would fork and outlive the kill of its pid).
     let child = Command::new("setpriv")
-        .args(["--reuid=postgres", "--regid=postgres", "--clear-groups", "pgbouncer", "-q"])
+        .args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--clear-groups",
+            "pgbouncer",
+            "-q",
+        ])
         .arg(dir.join("pgbouncer.ini"))
         .current_dir(dir)
         .stdout(std::process::Stdio::null())
@@ -215,7 +295,10 @@ fn start_pgbouncer(pg: &Postgres, dir: &Path) -> Result<(crate::Guard, u16)> {
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if Instant::now() > deadline {
-            bail!("pgbouncer did not start; see {}", dir.join("pgbouncer.log").display());
+            bail!(
+                "pgbouncer did not start; see {}",
+                dir.join("pgbouncer.log").display()
+            );
         }
         thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -268,14 +351,31 @@ pub fn pg(chaperone: &Path) -> Result<()> {
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 
-    println!("\npgbench -S, {PG_CLIENTS} clients, {PG_SECONDS} s each, same PostgreSQL 15, same run (TPS / mean latency)");
-    println!("{:<10} {:>20} {:>28} {:>28}", "mode", "direct", "PgBouncer (transaction)", "Chaperone (read-only policy)");
+    println!(
+        "\npgbench -S, {PG_CLIENTS} clients, {PG_SECONDS} s each, same PostgreSQL 15, same run (TPS / mean latency)"
+    );
+    println!(
+        "{:<10} {:>20} {:>28} {:>28}",
+        "mode", "direct", "PgBouncer (transaction)", "Chaperone (read-only policy)"
+    );
     for (mode, d, b, c) in rows {
         let cell = |f: PgFigures| {
-            format!("{:>8.0} {:>5.3} ms {:>4.0}%", f.tps, f.latency_ms, f.tps / d.tps * 100.0)
+            format!(
+                "{:>8.0} {:>5.3} ms {:>4.0}%",
+                f.tps,
+                f.latency_ms,
+                f.tps / d.tps * 100.0
+            )
         };
         let b = b.map_or("n/a (1.18: no prepared)".to_string(), cell);
-        println!("{:<10} {:>8.0} {:>5.3} ms {:>28} {:>28}", mode, d.tps, d.latency_ms, b, cell(c));
+        println!(
+            "{:<10} {:>8.0} {:>5.3} ms {:>28} {:>28}",
+            mode,
+            d.tps,
+            d.latency_ms,
+            b,
+            cell(c)
+        );
         println!(
             "{:<10} {:>20} {:>28} {:>28}",
             "",

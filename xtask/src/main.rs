@@ -41,7 +41,10 @@ enum Task {
     },
     /// (internal) The benchmark client, run directly and as an agent.
     #[command(hide = true)]
-    BenchClient { echo: std::net::SocketAddr, sink: std::net::SocketAddr },
+    BenchClient {
+        echo: std::net::SocketAddr,
+        sink: std::net::SocketAddr,
+    },
     /// Set up, build, and run every test.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -68,7 +71,9 @@ fn main() -> Result<()> {
             run(cargo().args(["build", "--release", "-p", "gateway-user", "-p", "xtask"]))?;
             let release = root().join("target/release");
             match what {
-                BenchKind::Relay => bench::relay(&release.join("chaperone"), &release.join("xtask")),
+                BenchKind::Relay => {
+                    bench::relay(&release.join("chaperone"), &release.join("xtask"))
+                }
                 BenchKind::Pg => bench::pg(&release.join("chaperone")),
             }
         }
@@ -79,7 +84,10 @@ fn main() -> Result<()> {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -115,7 +123,11 @@ fn require_root() -> Result<()> {
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -170,13 +182,35 @@ fn demo(keep: bool) -> Result<()> {
 
     step("agent: chaperone run --as demo-agent -- curl http://127.0.0.1:18080/  (target: allowed)");
     let _ = chaperone()
-        .args(["run", "--as", "demo-agent", "--user", "nobody", "--", "curl", "-sS", "-w", "curl saw peer %{remote_ip}:%{remote_port}\n", "http://127.0.0.1:18080/"])
+        .args([
+            "run",
+            "--as",
+            "demo-agent",
+            "--user",
+            "nobody",
+            "--",
+            "curl",
+            "-sS",
+            "-w",
+            "curl saw peer %{remote_ip}:%{remote_port}\n",
+            "http://127.0.0.1:18080/",
+        ])
         .status()?;
     thread::sleep(Duration::from_millis(200));
 
     step("agent: curl http://127.0.0.1:18081/  (no target names it; unlisted: deny)");
     let _ = chaperone()
-        .args(["run", "--as", "demo-agent", "--user", "nobody", "--", "curl", "-sS", "http://127.0.0.1:18081/"])
+        .args([
+            "run",
+            "--as",
+            "demo-agent",
+            "--user",
+            "nobody",
+            "--",
+            "curl",
+            "-sS",
+            "http://127.0.0.1:18081/",
+        ])
         .status()?;
     thread::sleep(Duration::from_millis(200));
 
@@ -184,7 +218,9 @@ fn demo(keep: bool) -> Result<()> {
     run(chaperone().arg("sessions"))?;
 
     if keep {
-        step("daemon keeps running: try `chaperone run -- curl http://127.0.0.1:18080/`; Ctrl-C stops");
+        step(
+            "daemon keeps running: try `chaperone run -- curl http://127.0.0.1:18080/`; Ctrl-C stops",
+        );
         daemon.0.wait()?;
         return Ok(());
     }
@@ -193,7 +229,17 @@ fn demo(keep: bool) -> Result<()> {
     sigterm(daemon.0.id());
     daemon.0.wait()?;
     let _ = chaperone()
-        .args(["run", "--as", "demo-agent", "--user", "nobody", "--", "curl", "-sS", "http://127.0.0.1:18080/"])
+        .args([
+            "run",
+            "--as",
+            "demo-agent",
+            "--user",
+            "nobody",
+            "--",
+            "curl",
+            "-sS",
+            "http://127.0.0.1:18080/",
+        ])
         .status()?;
     run(chaperone().arg("status"))?;
 
@@ -204,7 +250,9 @@ fn demo(keep: bool) -> Result<()> {
 
 /// A clean stop (SIGTERM), as an init system would send it.
 fn sigterm(pid: u32) {
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
 }
 
 fn wait_ready(bin: &Path, config: Option<&Path>, daemon: &mut Guard) -> Result<()> {

@@ -94,7 +94,12 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "user")]
     pub allow_root: bool,
     /// The command and its arguments.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "CMD"
+    )]
     pub command: Vec<String>,
 }
 
@@ -112,7 +117,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Daemon(args) if args.uninstall => uninstall(&config, args.force, cli.json),
         Command::Daemon(_) => {
             let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = std::env::var("CHAPERONE_WORKERS").ok().and_then(|v| v.parse().ok()) {
+            if let Some(n) = std::env::var("CHAPERONE_WORKERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
                 rt.worker_threads(n);
             }
             let rt = rt.enable_all().build()?;
@@ -148,7 +156,11 @@ fn uninstall(config: &Config, force: bool, json: bool) -> anyhow::Result<i32> {
     if json {
         print_json(&serde_json::json!({ "removed": removed, "busy_cgroups": busy }));
     } else {
-        println!("removed {} pins from {}", removed.len(), config.pin_dir.display());
+        println!(
+            "removed {} pins from {}",
+            removed.len(),
+            config.pin_dir.display()
+        );
         for b in &busy {
             println!("cgroup still has processes, left in place: {}", b.display());
         }
@@ -182,14 +194,23 @@ fn status(config: &Config, json: bool) -> anyhow::Result<i32> {
     let r = &report.redirect;
     println!(
         "interception: {}",
-        if r.installed { "installed (pinned, in effect on the agent tree)" } else { "NOT installed" }
+        if r.installed {
+            "installed (pinned, in effect on the agent tree)"
+        } else {
+            "NOT installed"
+        }
     );
     if let Some(p) = &r.problem {
         println!("problem:      {p}");
     }
     match &report.daemon {
-        Some(d) => println!("daemon:       running, pid {}, listening on {:?}", d.pid, d.listen),
-        None if r.installed => println!("daemon:       not running: agents' connections are refused"),
+        Some(d) => println!(
+            "daemon:       running, pid {}, listening on {:?}",
+            d.pid, d.listen
+        ),
+        None if r.installed => {
+            println!("daemon:       not running: agents' connections are refused")
+        }
         None => println!("daemon:       not running"),
     }
     if let Some(cg) = &report.agent_cgroup {
@@ -219,11 +240,19 @@ fn sessions(config: &Config, args: &SessionsArgs, json: bool) -> anyhow::Result<
             print_json(e);
         }
     } else {
-        println!("{:<16}  {:<6}  {:<12}  {:<24}  {:<10}  {:>8}  {:>10}  {:>10}", "SESSION", "EVENT", "AGENT", "DESTINATION", "TARGET", "PID", "UP", "DOWN");
+        println!(
+            "{:<16}  {:<6}  {:<12}  {:<24}  {:<10}  {:>8}  {:>10}  {:>10}",
+            "SESSION", "EVENT", "AGENT", "DESTINATION", "TARGET", "PID", "UP", "DOWN"
+        );
         for e in shown {
             let (s, kind, up, down) = match e {
                 SessionEvent::Start { session } => (session, "start", String::new(), String::new()),
-                SessionEvent::End { session, bytes_up, bytes_down, .. } => (session, "end", bytes_up.to_string(), bytes_down.to_string()),
+                SessionEvent::End {
+                    session,
+                    bytes_up,
+                    bytes_down,
+                    ..
+                } => (session, "end", bytes_up.to_string(), bytes_down.to_string()),
             };
             let verdict = match s.verdict {
                 crate::record::RecordedVerdict::Allow => "",
@@ -233,7 +262,10 @@ fn sessions(config: &Config, args: &SessionsArgs, json: bool) -> anyhow::Result<
                 "{:<16}  {:<6}  {:<12}  {:<24}  {:<10}  {:>8}  {:>10}  {:>10}{verdict}",
                 s.id.to_string(),
                 kind,
-                s.agent.as_ref().and_then(|a| a.name.as_deref()).unwrap_or("-"),
+                s.agent
+                    .as_ref()
+                    .and_then(|a| a.name.as_deref())
+                    .unwrap_or("-"),
                 s.original_dst.addr.to_string(),
                 s.target.as_deref().unwrap_or("-"),
                 s.original_dst.pid,
@@ -254,7 +286,18 @@ mod tests {
 
     #[test]
     fn run_takes_the_command_verbatim_after_double_dash() {
-        let cli = Cli::try_parse_from(["chaperone", "run", "--as", "bob", "--", "curl", "-s", "--json", "x"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "chaperone",
+            "run",
+            "--as",
+            "bob",
+            "--",
+            "curl",
+            "-s",
+            "--json",
+            "x",
+        ])
+        .unwrap();
         match cli.command {
             Command::Run(a) => {
                 assert_eq!(a.as_name, "bob");
@@ -272,7 +315,18 @@ mod tests {
 
     #[test]
     fn policy_check_takes_sql_with_leading_dashes() {
-        let cli = Cli::try_parse_from(["chaperone", "policy", "check", "--as", "agent", "--target", "app", "--sql", "-- c\nSELECT 1"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "chaperone",
+            "policy",
+            "check",
+            "--as",
+            "agent",
+            "--target",
+            "app",
+            "--sql",
+            "-- c\nSELECT 1",
+        ])
+        .unwrap();
         match cli.command {
             Command::Policy(PolicyCommand::Check(a)) => assert_eq!(a.sql, "-- c\nSELECT 1"),
             c => panic!("{c:?}"),
@@ -281,7 +335,8 @@ mod tests {
 
     #[test]
     fn global_flags_anywhere() {
-        let cli = Cli::try_parse_from(["chaperone", "status", "--json", "--config", "x.yaml"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["chaperone", "status", "--json", "--config", "x.yaml"]).unwrap();
         assert!(cli.json);
         assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("x.yaml")));
     }

@@ -28,7 +28,10 @@ pub fn check(config: &Config, args: &PolicyCheckArgs, json: bool) -> anyhow::Res
         .find(|t| t.name == args.target)
         .ok_or_else(|| anyhow!("{}: no target named `{}`", config.source, args.target))?;
     if target.protocol != ProtocolKind::Postgres {
-        bail!("target `{}` is not a postgres target: only connections are judged there", target.name);
+        bail!(
+            "target `{}` is not a postgres target: only connections are judged there",
+            target.name
+        );
     }
     let policy = Policy {
         unlisted: config.unlisted,
@@ -49,7 +52,9 @@ pub fn check(config: &Config, args: &PolicyCheckArgs, json: bool) -> anyhow::Res
             let facts = c.facts_with(&HashMap::new()).into_owned();
             let d = policy::evaluate(
                 &policy,
-                &Subject { agent: Some(&agent) },
+                &Subject {
+                    agent: Some(&agent),
+                },
                 &Action::Sql {
                     target: &target.name,
                     facts: &facts,

@@ -34,7 +34,9 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
     let cgroup = tree.new_agent_cgroup(&args.as_name)?;
     if let Err(e) = redirect::verify_attached(&config.pin_dir, cgroup.path()) {
         cgroup.remove_if_empty();
-        bail!("{e}. Is `chaperone daemon` installed for this configuration? Refusing to run an agent unintercepted");
+        bail!(
+            "{e}. Is `chaperone daemon` installed for this configuration? Refusing to run an agent unintercepted"
+        );
     }
     let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
     let (program, rest) = args.command.split_first().expect("clap requires a command");
@@ -78,7 +80,9 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
     let status = child.wait();
     cgroup.remove_if_empty();
     let status = status.context("waiting for the agent")?;
-    Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    Ok(status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
 /// The account to drop to: `--user`, else the sudo caller; `None` only with `--allow-root` or
@@ -125,13 +129,25 @@ fn lookup_user(user: &str) -> anyhow::Result<Account> {
     }
     // SAFETY: non-null passwd entry whose strings are NUL-terminated.
     let (uid, gid, name, home) = unsafe {
-        let s = |p: *const libc::c_char| (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned());
-        ((*pw).pw_uid, (*pw).pw_gid, s((*pw).pw_name), s((*pw).pw_dir))
+        let s = |p: *const libc::c_char| {
+            (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned())
+        };
+        (
+            (*pw).pw_uid,
+            (*pw).pw_gid,
+            s((*pw).pw_name),
+            s((*pw).pw_dir),
+        )
     };
     if uid == 0 {
         bail!("--user {user} is root; use --allow-root if that is really meant");
     }
-    Ok(Account { uid, gid, name, home })
+    Ok(Account {
+        uid,
+        gid,
+        name,
+        home,
+    })
 }
 
 /// Move the calling process into the cgroup whose `cgroup.procs` is `procs`.
@@ -157,12 +173,29 @@ fn join_cgroup(procs: &CString) -> std::io::Result<()> {
 /// would also close the pipe std uses to report exec failures.)
 fn cloexec_inherited_fds() -> std::io::Result<()> {
     // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets flags.
-    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn drop_privileges(uid: libc::uid_t, gid: libc::gid_t) -> std::io::Result<()> {
-    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) };
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
     // SAFETY: credential syscalls in the child between fork and exec.
     unsafe {
         check(libc::setgroups(0, std::ptr::null()))?;

@@ -41,7 +41,9 @@ pub enum IdentityError {
          choose another agent_cgroup"
     )]
     ForeignTree(PathBuf),
-    #[error("this process runs inside the agent tree {0}: the daemon and `chaperone run` must live outside it")]
+    #[error(
+        "this process runs inside the agent tree {0}: the daemon and `chaperone run` must live outside it"
+    )]
     InsideTree(PathBuf),
 }
 
@@ -135,12 +137,19 @@ impl AgentTree {
         let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") else {
             return false;
         };
-        let Some(mount) = crate::mounts::mount_points("cgroup2").ok().and_then(|m| m.into_iter().next()) else {
+        let Some(mount) = crate::mounts::mount_points("cgroup2")
+            .ok()
+            .and_then(|m| m.into_iter().next())
+        else {
             return false;
         };
         text.lines()
             .filter_map(|l| l.strip_prefix("0::"))
-            .any(|own| mount.join(own.trim_start_matches('/')).starts_with(&self.root))
+            .any(|own| {
+                mount
+                    .join(own.trim_start_matches('/'))
+                    .starts_with(&self.root)
+            })
     }
 
     /// A fresh cgroup for one `chaperone run`, labelled with the identity `name`.
@@ -151,7 +160,9 @@ impl AgentTree {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = self.root.join(format!("run-{}-{nonce:08x}", std::process::id()));
+        let path = self
+            .root
+            .join(format!("run-{}-{nonce:08x}", std::process::id()));
         std::fs::create_dir(&path).map_err(io_err(&path))?;
         set_xattr(&path, IDENTITY_XATTR, name.as_bytes()).map_err(io_err(&path))?;
         Ok(AgentCgroup { path })
@@ -165,7 +176,11 @@ impl AgentTree {
             .take_while(|p| p.starts_with(&self.root))
             .find_map(|p| get_xattr(p, IDENTITY_XATTR))
             .map(|v| String::from_utf8_lossy(&v).into_owned());
-        let cgroup = dir.strip_prefix(&self.root).unwrap_or(&dir).display().to_string();
+        let cgroup = dir
+            .strip_prefix(&self.root)
+            .unwrap_or(&dir)
+            .display()
+            .to_string();
         Some(AgentId { name, cgroup })
     }
 
@@ -202,7 +217,8 @@ fn is_empty_cgroup(dir: &Path) -> bool {
     let no_children = std::fs::read_dir(dir)
         .map(|d| !d.flatten().any(|e| e.file_type().is_ok_and(|t| t.is_dir())))
         .unwrap_or(false);
-    let no_procs = std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+    let no_procs =
+        std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
     no_children && no_procs
 }
 
@@ -279,14 +295,27 @@ fn validate_name(name: &str) -> Result<(), IdentityError> {
 }
 
 fn cstr(p: &Path) -> std::io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
 }
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     let (p, n) = (cstr(path)?, CString::new(name).expect("static name"));
     // SAFETY: valid NUL-terminated strings and a buffer of the given length.
-    let rc = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    let rc = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {

@@ -59,7 +59,11 @@ impl Grant {
     pub fn label(&self, index: usize) -> String {
         match &self.name {
             Some(n) => n.clone(),
-            None => format!("grants[{index}] ({:?} {} on {})", self.effect, self.identity, self.target).to_lowercase(),
+            None => format!(
+                "grants[{index}] ({:?} {} on {})",
+                self.effect, self.identity, self.target
+            )
+            .to_lowercase(),
         }
     }
 }

@@ -70,8 +70,19 @@ impl Policy {
     pub fn read_only(&self, identity: Option<&str>, target: &str) -> bool {
         self.grants
             .iter()
-            .filter(|g| g.effect != Effect::Deny && g.target == target && Some(g.identity.as_str()) == identity)
-            .all(|g| g.sql.classes.iter().all(|c| matches!(c, SqlClass::Read | SqlClass::Session | SqlClass::Transaction)))
+            .filter(|g| {
+                g.effect != Effect::Deny
+                    && g.target == target
+                    && Some(g.identity.as_str()) == identity
+            })
+            .all(|g| {
+                g.sql.classes.iter().all(|c| {
+                    matches!(
+                        c,
+                        SqlClass::Read | SqlClass::Session | SqlClass::Transaction
+                    )
+                })
+            })
     }
 }
 
@@ -149,16 +160,23 @@ fn evaluate_sql(policy: &Policy, subject: &Subject<'_>, target: &str, facts: &Fa
 /// (or has the `exec` class, which covers any function).
 fn covers(g: &SqlGrant, f: &Facts) -> bool {
     f.classes.iter().all(|c| g.classes.contains(c))
-        && f.objects.iter().all(|o| g.objects.is_empty() || g.objects.iter().any(|p| glob_match(p, &o.name)))
-        && (g.classes.contains(&SqlClass::Exec) || f.functions.iter().all(|fun| g.functions.contains(fun)))
+        && f.objects
+            .iter()
+            .all(|o| g.objects.is_empty() || g.objects.iter().any(|p| glob_match(p, &o.name)))
+        && (g.classes.contains(&SqlClass::Exec)
+            || f.functions.iter().all(|fun| g.functions.contains(fun)))
 }
 
 /// A deny grant matches when the facts have any of its classes (none listed: any; calling a
 /// non-built-in function counts as `exec`) and touch any relation matching its patterns (none
 /// listed: regardless of relations).
 fn deny_matches(g: &SqlGrant, f: &Facts) -> bool {
-    let class_hit = g.classes.is_empty() || f.effective_classes().iter().any(|c| g.classes.contains(c));
-    let object_hit = g.objects.is_empty() || f.objects.iter().any(|o| g.objects.iter().any(|p| glob_match(p, &o.name)));
+    let class_hit =
+        g.classes.is_empty() || f.effective_classes().iter().any(|c| g.classes.contains(c));
+    let object_hit = g.objects.is_empty()
+        || f.objects
+            .iter()
+            .any(|o| g.objects.iter().any(|p| glob_match(p, &o.name)));
     class_hit && object_hit
 }
 
@@ -184,7 +202,12 @@ mod tests {
         let subject = Subject { agent: None };
         let cases = [
             (Unlisted::Deny, Some(&target), Verdict::Allow, "target `db`"),
-            (Unlisted::Allow, Some(&target), Verdict::Allow, "target `db`"),
+            (
+                Unlisted::Allow,
+                Some(&target),
+                Verdict::Allow,
+                "target `db`",
+            ),
             (Unlisted::Allow, None, Verdict::Allow, "unlisted: allow"),
             (
                 Unlisted::Deny,
@@ -196,7 +219,14 @@ mod tests {
             ),
         ];
         for (unlisted, target, verdict, rule) in cases {
-            let d = evaluate(&Policy { unlisted, grants: vec![] }, &subject, &Action::Connect { dst, target });
+            let d = evaluate(
+                &Policy {
+                    unlisted,
+                    grants: vec![],
+                },
+                &subject,
+                &Action::Connect { dst, target },
+            );
             assert_eq!(d.verdict, verdict, "{unlisted:?} {target:?}");
             assert_eq!(d.rule, rule);
         }
@@ -207,7 +237,11 @@ mod tests {
     #[test]
     fn bypass_corpus_under_the_readonly_example() {
         use crate::protocols::postgres::classify::classify;
-        let cfg = crate::config::Config::parse(include_str!("../../../examples/readonly.yaml"), "readonly.yaml").unwrap();
+        let cfg = crate::config::Config::parse(
+            include_str!("../../../examples/readonly.yaml"),
+            "readonly.yaml",
+        )
+        .unwrap();
         let policy = Policy {
             unlisted: cfg.unlisted,
             grants: cfg.grants.clone(),
@@ -224,15 +258,33 @@ mod tests {
                 Err(_) => false,
                 Ok(c) => {
                     let facts = c.facts_with(&Default::default());
-                    let d = evaluate(&policy, &Subject { agent: Some(&agent) }, &Action::Sql { target: "app", facts: &facts });
+                    let d = evaluate(
+                        &policy,
+                        &Subject {
+                            agent: Some(&agent),
+                        },
+                        &Action::Sql {
+                            target: "app",
+                            facts: &facts,
+                        },
+                    );
                     d.verdict == Verdict::Allow
                 }
             };
             if allowed != *expect_allow {
-                wrong.push(format!("expected {}: {sql}", if *expect_allow { "allow" } else { "deny" }));
+                wrong.push(format!(
+                    "expected {}: {sql}",
+                    if *expect_allow { "allow" } else { "deny" }
+                ));
             }
         }
-        assert!(wrong.is_empty(), "{} of {} corpus cases wrong:\n{}", wrong.len(), cases.len(), wrong.join("\n"));
+        assert!(
+            wrong.is_empty(),
+            "{} of {} corpus cases wrong:\n{}",
+            wrong.len(),
+            cases.len(),
+            wrong.join("\n")
+        );
     }
 
     /// `-- allow` / `-- deny` blocks; `#` lines are comments.
@@ -252,39 +304,114 @@ mod tests {
                 }
             }
         }
-        cases.into_iter().map(|(a, s)| (a, s.trim().to_string())).collect()
+        cases
+            .into_iter()
+            .map(|(a, s)| (a, s.trim().to_string()))
+            .collect()
     }
 
     #[test]
     fn deny_overrides_review_overrides_allow() {
         use crate::protocols::postgres::classify::classify;
         let grant = |effect: &str, classes: &str| -> Grant {
-            serde_yaml::from_str(&format!("{{identity: a, target: t, effect: {effect}, sql: {{classes: [{classes}]}}}}")).unwrap()
+            serde_yaml::from_str(&format!(
+                "{{identity: a, target: t, effect: {effect}, sql: {{classes: [{classes}]}}}}"
+            ))
+            .unwrap()
         };
-        let agent = AgentId { name: Some("a".into()), cgroup: String::new() };
+        let agent = AgentId {
+            name: Some("a".into()),
+            cgroup: String::new(),
+        };
         let verdict = |grants: Vec<Grant>, sql: &str| {
             let c = classify(sql).unwrap();
-            let p = Policy { unlisted: Unlisted::Deny, grants };
-            evaluate(&p, &Subject { agent: Some(&agent) }, &Action::Sql { target: "t", facts: &c.facts }).verdict
+            let p = Policy {
+                unlisted: Unlisted::Deny,
+                grants,
+            };
+            evaluate(
+                &p,
+                &Subject {
+                    agent: Some(&agent),
+                },
+                &Action::Sql {
+                    target: "t",
+                    facts: &c.facts,
+                },
+            )
+            .verdict
         };
         let sql = "DELETE FROM x";
         assert_eq!(verdict(vec![grant("allow", "write")], sql), Verdict::Allow);
-        assert_eq!(verdict(vec![grant("allow", "write"), grant("review", "write")], sql), Verdict::Hold);
-        assert!(matches!(verdict(vec![grant("allow", "write"), grant("review", "write"), grant("deny", "write")], sql), Verdict::Deny(_)));
-        assert!(matches!(verdict(vec![grant("allow", "read")], sql), Verdict::Deny(_)), "no covering grant");
-        assert!(matches!(verdict(vec![], "SELECT 1"), Verdict::Deny(_)), "no grant at all");
+        assert_eq!(
+            verdict(vec![grant("allow", "write"), grant("review", "write")], sql),
+            Verdict::Hold
+        );
+        assert!(matches!(
+            verdict(
+                vec![
+                    grant("allow", "write"),
+                    grant("review", "write"),
+                    grant("deny", "write")
+                ],
+                sql
+            ),
+            Verdict::Deny(_)
+        ));
+        assert!(
+            matches!(verdict(vec![grant("allow", "read")], sql), Verdict::Deny(_)),
+            "no covering grant"
+        );
+        assert!(
+            matches!(verdict(vec![], "SELECT 1"), Verdict::Deny(_)),
+            "no grant at all"
+        );
         // A listed function runs under a read grant; an unlisted one does not; exec covers any.
         let with_fn: Grant = serde_yaml::from_str("{identity: a, target: t, effect: allow, sql: {classes: [read], functions: [pg_sleep]}}").unwrap();
-        assert_eq!(verdict(vec![with_fn.clone()], "SELECT pg_sleep(0)"), Verdict::Allow);
-        assert!(matches!(verdict(vec![with_fn], "SELECT lo_unlink(1)"), Verdict::Deny(_)));
-        assert_eq!(verdict(vec![grant("allow", "read, exec")], "SELECT lo_unlink(1)"), Verdict::Allow);
-        assert!(matches!(verdict(vec![grant("allow", "read, exec"), grant("deny", "exec")], "SELECT lo_unlink(1)"), Verdict::Deny(_)));
-        let other = AgentId { name: Some("b".into()), cgroup: String::new() };
-        let p = Policy { unlisted: Unlisted::Deny, grants: vec![grant("allow", "read")] };
-        let c = classify("SELECT 1").unwrap();
+        assert_eq!(
+            verdict(vec![with_fn.clone()], "SELECT pg_sleep(0)"),
+            Verdict::Allow
+        );
         assert!(matches!(
-            evaluate(&p, &Subject { agent: Some(&other) }, &Action::Sql { target: "t", facts: &c.facts }).verdict,
+            verdict(vec![with_fn], "SELECT lo_unlink(1)"),
             Verdict::Deny(_)
-        ), "grants are per identity");
+        ));
+        assert_eq!(
+            verdict(vec![grant("allow", "read, exec")], "SELECT lo_unlink(1)"),
+            Verdict::Allow
+        );
+        assert!(matches!(
+            verdict(
+                vec![grant("allow", "read, exec"), grant("deny", "exec")],
+                "SELECT lo_unlink(1)"
+            ),
+            Verdict::Deny(_)
+        ));
+        let other = AgentId {
+            name: Some("b".into()),
+            cgroup: String::new(),
+        };
+        let p = Policy {
+            unlisted: Unlisted::Deny,
+            grants: vec![grant("allow", "read")],
+        };
+        let c = classify("SELECT 1").unwrap();
+        assert!(
+            matches!(
+                evaluate(
+                    &p,
+                    &Subject {
+                        agent: Some(&other)
+                    },
+                    &Action::Sql {
+                        target: "t",
+                        facts: &c.facts
+                    }
+                )
+                .verdict,
+                Verdict::Deny(_)
+            ),
+            "grants are per identity"
+        );
     }
 }

@@ -38,7 +38,11 @@ pub struct Session<'a> {
 }
 
 /// Carry an allowed session until it ends, counting into the recorder.
-pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder) -> Result<(), ProtocolError> {
+pub async fn serve(
+    s: &Session<'_>,
+    client: TcpStream,
+    rec: &mut SessionRecorder,
+) -> Result<(), ProtocolError> {
     match (s.kind, s.target) {
         (ProtocolKind::Postgres, Some(target)) => {
             let pg = postgres::Session {
@@ -58,14 +62,15 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
 }
 
 async fn dial(addr: SocketAddr) -> Result<TcpStream, ProtocolError> {
-    let reason = match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            return Ok(s);
-        }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no answer in {UPSTREAM_CONNECT_TIMEOUT:?}"),
-    };
+    let reason =
+        match tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer in {UPSTREAM_CONNECT_TIMEOUT:?}"),
+        };
     Err(ProtocolError::Dial { addr, reason })
 }
 
@@ -77,7 +82,10 @@ pub fn refuse(stream: &TcpStream) {
 /// Have the socket behind `fd` send a reset, not a FIN, when it is closed (SO_LINGER 0): an abort
 /// must reach the peer as an abort. Works under TLS too, where the TcpStream is wrapped.
 pub fn reset_on_close(fd: std::os::fd::RawFd) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: setsockopt on a socket fd the caller keeps open, with a correctly sized struct.
     unsafe {
         libc::setsockopt(

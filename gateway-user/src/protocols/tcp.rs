@@ -17,9 +17,15 @@ const CHUNK: usize = 256 * 1024;
 
 /// Relay until both directions have closed, or either fails. `up` (agent to upstream) and
 /// `down` are counted as bytes move, so they are right after an error or a cancellation too.
-pub async fn relay(client: TcpStream, upstream: TcpStream, up: &mut u64, down: &mut u64) -> io::Result<()> {
+pub async fn relay(
+    client: TcpStream,
+    upstream: TcpStream,
+    up: &mut u64,
+    down: &mut u64,
+) -> io::Result<()> {
     // On the first error try_join drops the other direction; the sockets close when we return.
-    let result = tokio::try_join!(pump(&client, &upstream, up), pump(&upstream, &client, down)).map(drop);
+    let result =
+        tokio::try_join!(pump(&client, &upstream, up), pump(&upstream, &client, down)).map(drop);
     if result.is_err() {
         // An abort on one side must reach the other as an abort (RST), not as a clean FIN that
         // would make a truncated, close-delimited response look complete.
@@ -32,7 +38,10 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, up: &mut u64, down: &
 async fn pump(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<()> {
     let pipe = Pipe::new()?;
     loop {
-        let n = io_when_ready(src, Interest::READABLE, || splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)).await?;
+        let n = io_when_ready(src, Interest::READABLE, || {
+            splice(src.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)
+        })
+        .await?;
         if n == 0 {
             // SAFETY: shutdown on a socket fd we borrow for the call.
             if unsafe { libc::shutdown(dst.as_raw_fd(), libc::SHUT_WR) } != 0 {
@@ -46,7 +55,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<(
         }
         let mut left = n;
         while left > 0 {
-            let m = io_when_ready(dst, Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)).await?;
+            let m = io_when_ready(dst, Interest::WRITABLE, || {
+                splice(pipe.read.as_raw_fd(), dst.as_raw_fd(), left)
+            })
+            .await?;
             left -= m;
             *count += m as u64;
         }
@@ -55,7 +67,11 @@ async fn pump(src: &TcpStream, dst: &TcpStream, count: &mut u64) -> io::Result<(
 
 /// Run a non-blocking syscall on `s` once it is ready for `interest`, retrying on EAGAIN
 /// (tokio clears the readiness it had cached).
-async fn io_when_ready(s: &TcpStream, interest: Interest, mut f: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+async fn io_when_ready(
+    s: &TcpStream,
+    interest: Interest,
+    mut f: impl FnMut() -> io::Result<usize>,
+) -> io::Result<usize> {
     loop {
         s.ready(interest).await?;
         match s.try_io(interest, &mut f) {
@@ -77,7 +93,11 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
             libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
         )
     };
-    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 /// A non-blocking pipe, the kernel-side buffer of one direction.

@@ -273,9 +273,16 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let (events, bad) = read_log(&path).unwrap();
         assert_eq!(bad, 1);
-        assert!(matches!(&events[0], SessionEvent::Start { session } if session.id == SessionId(7)));
+        assert!(
+            matches!(&events[0], SessionEvent::Start { session } if session.id == SessionId(7))
+        );
         match &events[1] {
-            SessionEvent::End { bytes_up, error, session, .. } => {
+            SessionEvent::End {
+                bytes_up,
+                error,
+                session,
+                ..
+            } => {
                 assert_eq!(*bytes_up, 3);
                 assert_eq!(error.as_deref(), Some("boom"));
                 assert_eq!(session.original_dst.comm, "curl");

@@ -62,7 +62,9 @@ pub enum RedirectError {
     NotBpffs(PathBuf),
     #[error("loading the eBPF object: {0}; does the kernel have BTF, CGROUP_BPF and sockops?")]
     Load(#[from] aya::EbpfError),
-    #[error("this binary was built without its eBPF object (AYA_BUILD_SKIP); it cannot install interception")]
+    #[error(
+        "this binary was built without its eBPF object (AYA_BUILD_SKIP); it cannot install interception"
+    )]
     NoObject,
     #[error("eBPF object has no program `{0}` (build mismatch)")]
     MissingProgram(&'static str),
@@ -73,7 +75,9 @@ pub enum RedirectError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
-    #[error("attaching `{name}` to {cgroup}: {source}; is cgroup v2 mounted and the path a cgroup?")]
+    #[error(
+        "attaching `{name}` to {cgroup}: {source}; is cgroup v2 mounted and the path a cgroup?"
+    )]
     Attach {
         name: &'static str,
         cgroup: PathBuf,
@@ -91,7 +95,9 @@ pub enum RedirectError {
          run `chaperone daemon --uninstall`, then start the daemon again"
     )]
     AttachedElsewhere { pin: PathBuf, cgroup: PathBuf },
-    #[error("{cgroup} is not covered by `{program}`: interception is not in force there ({reason})")]
+    #[error(
+        "{cgroup} is not covered by `{program}`: interception is not in force there ({reason})"
+    )]
     NotIntercepted {
         program: &'static str,
         cgroup: PathBuf,
@@ -243,7 +249,11 @@ impl Redirect {
     }
 }
 
-fn write_config(ebpf: &mut Ebpf, proxy: ProxyAddrs, dns: &[SocketAddr]) -> Result<(), RedirectError> {
+fn write_config(
+    ebpf: &mut Ebpf,
+    proxy: ProxyAddrs,
+    dns: &[SocketAddr],
+) -> Result<(), RedirectError> {
     let map_err = |name| move |source| RedirectError::Map { name, source };
     let config = ProxyConfig {
         netns_cookie: own_netns_cookie().map_err(RedirectError::Netns)?,
@@ -266,11 +276,13 @@ fn write_config(ebpf: &mut Ebpf, proxy: ProxyAddrs, dns: &[SocketAddr]) -> Resul
         .try_into()
         .map_err(map_err(MAP_DNS))?;
     for slot in 0..gateway_common::MAX_DNS_RESOLVERS {
-        let r = dns.get(slot as usize).map_or_else(DnsResolver::default, |a| DnsResolver {
-            addr: addr_words(a.ip()),
-            port: a.port(),
-            in_use: 1,
-        });
+        let r = dns
+            .get(slot as usize)
+            .map_or_else(DnsResolver::default, |a| DnsResolver {
+                addr: addr_words(a.ip()),
+                port: a.port(),
+                in_use: 1,
+            });
         resolvers.set(slot, r, 0).map_err(map_err(MAP_DNS))?;
     }
     Ok(())
@@ -292,7 +304,11 @@ fn own_netns_cookie() -> std::io::Result<u64> {
             &mut len,
         )
     };
-    if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn link_pin(pin_dir: &Path, program: &str) -> PathBuf {
@@ -319,7 +335,9 @@ fn attach_or_adopt(
 ) -> Result<(), RedirectError> {
     let pin = link_pin(pin_dir, name);
     let adopt = pin.exists();
-    let prog = ebpf.program_mut(name).ok_or(RedirectError::MissingProgram(name))?;
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(RedirectError::MissingProgram(name))?;
     let program_err = |source| RedirectError::Program { name, source };
     let attach_err = |source| RedirectError::Attach {
         name,
@@ -430,11 +448,15 @@ pub fn verify_attached(pin_dir: &Path, cgroup: &Path) -> Result<(), RedirectErro
         };
         let pin = link_pin(pin_dir, program);
         let link = sys::obj_get(&pin).map_err(|e| not(format!("{}: {e}", pin.display())))?;
-        let info = sys::cgroup_link_info(link.as_fd()).map_err(|e| not(format!("link info: {e}")))?;
+        let info =
+            sys::cgroup_link_info(link.as_fd()).map_err(|e| not(format!("link info: {e}")))?;
         let effective = sys::effective_prog_ids(cg.as_fd(), info.attach_type)
             .map_err(|e| not(format!("querying the cgroup: {e}")))?;
         if !effective.contains(&info.prog_id) {
-            return Err(not(format!("program {} is not among {effective:?}", info.prog_id)));
+            return Err(not(format!(
+                "program {} is not among {effective:?}",
+                info.prog_id
+            )));
         }
     }
     Ok(())
@@ -484,7 +506,10 @@ pub fn status(pin_dir: &Path, tree: &Path) -> RedirectStatus {
     let verified = verify_attached(pin_dir, tree);
     RedirectStatus {
         installed: verified.is_ok(),
-        problem: verified.err().filter(|_| is_installed(pin_dir)).map(|e| e.to_string()),
+        problem: verified
+            .err()
+            .filter(|_| is_installed(pin_dir))
+            .map(|e| e.to_string()),
         links: PROGRAMS
             .iter()
             .map(|p| LinkStatus {
@@ -541,7 +566,10 @@ mod tests {
         let k4 = key_for_peer("127.0.0.1:40000".parse().unwrap());
         let k6 = key_for_peer("[::ffff:127.0.0.1]:40000".parse().unwrap());
         assert!(is_v4_mapped(&k4.addr));
-        assert_eq!(k4, k6, "both families of one socket address must find one entry");
+        assert_eq!(
+            k4, k6,
+            "both families of one socket address must find one entry"
+        );
         assert_eq!(k4.port, 40000);
         assert_eq!(k4.addr[3].to_ne_bytes(), [127, 0, 0, 1]);
     }

@@ -37,7 +37,9 @@ impl StatementCache {
             return Arc::new(classify(sql));
         }
         let shape = pg_query::normalize(sql).ok();
-        let by_shape = shape.as_ref().and_then(|s| self.shapes.lock().unwrap().get(s).cloned());
+        let by_shape = shape
+            .as_ref()
+            .and_then(|s| self.shapes.lock().unwrap().get(s).cloned());
         let outcome = match by_shape {
             Some(hit) => hit,
             None => {
@@ -76,15 +78,28 @@ mod tests {
     #[test]
     fn a_primed_shape_never_serves_a_statement_whose_literals_decide() {
         let c = StatementCache::default();
-        let deny = |o: &Outcome| o.as_ref().as_ref().unwrap().facts.classes.contains(&crate::protocols::postgres::classify::SqlClass::Admin);
+        let deny = |o: &Outcome| {
+            o.as_ref()
+                .as_ref()
+                .unwrap()
+                .facts
+                .classes
+                .contains(&crate::protocols::postgres::classify::SqlClass::Admin)
+        };
         for (primer, attack) in [
             ("COPY users TO STDOUT", "COPY users TO '/tmp/x'"),
-            ("EXPLAIN (ANALYZE 'off') DELETE FROM t", "EXPLAIN (ANALYZE 'on') DELETE FROM t"),
+            (
+                "EXPLAIN (ANALYZE 'off') DELETE FROM t",
+                "EXPLAIN (ANALYZE 'on') DELETE FROM t",
+            ),
             ("BEGIN READ ONLY", "BEGIN READ WRITE"),
         ] {
             let p = c.classify(primer);
             let a = c.classify(attack);
-            assert!(!Arc::ptr_eq(&p, &a), "{attack} served from {primer}'s entry");
+            assert!(
+                !Arc::ptr_eq(&p, &a),
+                "{attack} served from {primer}'s entry"
+            );
             let _ = deny;
         }
         let a = c.classify("COPY users TO '/tmp/x'");
@@ -101,6 +116,10 @@ mod tests {
         let evil = c.classify("DO $$BEGIN EXECUTE 'DROP TABLE t'; END$$");
         assert!(!Arc::ptr_eq(&harmless, &evil));
         let evil = evil.as_ref().as_ref().unwrap();
-        assert!(evil.facts.classes.contains(&crate::protocols::postgres::classify::SqlClass::Unknown));
+        assert!(
+            evil.facts
+                .classes
+                .contains(&crate::protocols::postgres::classify::SqlClass::Unknown)
+        );
     }
 }

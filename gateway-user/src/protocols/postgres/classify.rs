@@ -23,7 +23,9 @@ use std::{
 };
 
 /// What kind of thing a statement (or part of one) does, from least to most dangerous.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum SqlClass {
     /// Reads data or metadata.
@@ -153,12 +155,18 @@ impl Classified {
         }
         let mut f = self.facts.clone();
         for name in &self.executes {
-            let in_string = self.prepares.iter().find(|(n, _)| n == name).map(|(_, f)| f);
+            let in_string = self
+                .prepares
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, f)| f);
             match in_string.or_else(|| session.get(name)) {
                 Some(p) => f.merge(p),
                 None => {
                     f.classes.insert(SqlClass::Unknown);
-                    f.notes.push(format!("EXECUTE of `{name}`, which this session did not PREPARE"));
+                    f.notes.push(format!(
+                        "EXECUTE of `{name}`, which this session did not PREPARE"
+                    ));
                 }
             }
         }
@@ -201,7 +209,11 @@ fn classify_with(sql: &str, opts: ParserOptions) -> Result<Classified, ClassifyE
     };
     for raw in &parsed.protobuf.stmts {
         let start = raw.stmt_location.max(0) as usize;
-        let end = if raw.stmt_len > 0 { start + raw.stmt_len as usize } else { sql.len() };
+        let end = if raw.stmt_len > 0 {
+            start + raw.stmt_len as usize
+        } else {
+            sql.len()
+        };
         w.stmt_range = (start, end);
         // The typed tree serializes losslessly; walking it generically visits every node.
         let tree = serde_json::to_value(raw).map_err(|e| ClassifyError::Parse(e.to_string()))?;
@@ -317,7 +329,11 @@ impl Walker {
     fn stmt_class(&mut self, c: SqlClass, ctx: Ctx<'_>, note: impl FnOnce() -> String) {
         // Under plain EXPLAIN nothing runs: the statement is a read of its plan. Function calls
         // still count (the planner may evaluate them).
-        let c = if ctx.explain_only && c != SqlClass::Unknown { SqlClass::Read } else { c };
+        let c = if ctx.explain_only && c != SqlClass::Unknown {
+            SqlClass::Read
+        } else {
+            c
+        };
         self.out.facts.class(c, note);
     }
 
@@ -325,32 +341,68 @@ impl Walker {
     /// (`f`, which must skip `with_clause`) with every CTE name in scope. Without RECURSIVE a
     /// CTE's body sees only the CTEs before it, so `WITH t AS (SELECT * FROM t)` reads the real
     /// table `t`.
-    fn with_ctes(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>, f: impl FnOnce(&mut Self, Ctx<'_>)) {
+    fn with_ctes(
+        &mut self,
+        obj: &Map<String, Value>,
+        ctx: Ctx<'_>,
+        f: impl FnOnce(&mut Self, Ctx<'_>),
+    ) {
         let with = obj.get("with_clause").filter(|w| !w.is_null());
-        let recursive = with.and_then(|w| w.get("recursive")).and_then(Value::as_bool).unwrap_or(false);
-        let ctes: Vec<&Value> = with.and_then(|w| w.get("ctes")).and_then(Value::as_array).map(|c| c.iter().collect()).unwrap_or_default();
+        let recursive = with
+            .and_then(|w| w.get("recursive"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let ctes: Vec<&Value> = with
+            .and_then(|w| w.get("ctes"))
+            .and_then(Value::as_array)
+            .map(|c| c.iter().collect())
+            .unwrap_or_default();
         let names: Vec<String> = ctes
             .iter()
-            .filter_map(|c| c.pointer("/node/CommonTableExpr/ctename")?.as_str().map(str::to_owned))
+            .filter_map(|c| {
+                c.pointer("/node/CommonTableExpr/ctename")?
+                    .as_str()
+                    .map(str::to_owned)
+            })
             .collect();
         for (i, cte) in ctes.iter().enumerate() {
-            let visible = if recursive { names.clone() } else { names[..i.min(names.len())].to_vec() };
+            let visible = if recursive {
+                names.clone()
+            } else {
+                names[..i.min(names.len())].to_vec()
+            };
             let scope = CteScope {
                 names: visible,
                 parent: Some(ctx.ctes),
             };
-            self.value(cte, Ctx { ctes: &scope, ..ctx });
+            self.value(
+                cte,
+                Ctx {
+                    ctes: &scope,
+                    ..ctx
+                },
+            );
         }
         let scope = CteScope {
             names,
             parent: Some(ctx.ctes),
         };
-        f(self, Ctx { ctes: &scope, ..ctx })
+        f(
+            self,
+            Ctx {
+                ctes: &scope,
+                ..ctx
+            },
+        )
     }
 
     fn select(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
         self.stmt_class(SqlClass::Read, ctx, String::new);
-        if obj.get("locking_clause").and_then(Value::as_array).is_some_and(|l| !l.is_empty()) {
+        if obj
+            .get("locking_clause")
+            .and_then(Value::as_array)
+            .is_some_and(|l| !l.is_empty())
+        {
             self.stmt_class(SqlClass::Write, ctx, String::new); // FOR UPDATE/SHARE takes row locks
         }
         let into = obj.get("into_clause").filter(|v| !v.is_null());
@@ -359,7 +411,11 @@ impl Walker {
         }
         self.with_ctes(obj, ctx.with_access(SqlClass::Read), |w, ctx| {
             for (field, child) in obj.iter().filter(|(f, _)| *f != "with_clause") {
-                let access = if field == "into_clause" { SqlClass::Ddl } else { SqlClass::Read };
+                let access = if field == "into_clause" {
+                    SqlClass::Ddl
+                } else {
+                    SqlClass::Read
+                };
                 w.value(child, ctx.with_access(access));
             }
         });
@@ -372,7 +428,13 @@ impl Walker {
                 if field == "relation" {
                     // The target of INSERT/UPDATE/DELETE/MERGE is always a real table, whatever
                     // CTE shares its name.
-                    w.value(child, Ctx { ctes: &NO_CTES, ..ctx.with_access(SqlClass::Write) });
+                    w.value(
+                        child,
+                        Ctx {
+                            ctes: &NO_CTES,
+                            ..ctx.with_access(SqlClass::Write)
+                        },
+                    );
                 } else {
                     w.value(child, ctx.with_access(SqlClass::Read));
                 }
@@ -383,14 +445,22 @@ impl Walker {
     fn utility(&mut self, kind: &str, obj: &Map<String, Value>, ctx: Ctx<'_>) {
         let class = match kind {
             "RawStmt" => return self.object(obj, ctx),
-            "VariableShowStmt" | "FetchStmt" | "ClosePortalStmt" | "DeclareCursorStmt" => SqlClass::Read,
+            "VariableShowStmt" | "FetchStmt" | "ClosePortalStmt" | "DeclareCursorStmt" => {
+                SqlClass::Read
+            }
             "VariableSetStmt" => {
                 // SET TRANSACTION / SESSION CHARACTERISTICS read their option values.
-                self.out.depends_on_constants |= obj.get("args").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+                self.out.depends_on_constants |= obj
+                    .get("args")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty());
                 variable_set_class(obj)
             }
             "TransactionStmt" => {
-                self.out.depends_on_constants |= obj.get("options").and_then(Value::as_array).is_some_and(|o| !o.is_empty());
+                self.out.depends_on_constants |= obj
+                    .get("options")
+                    .and_then(Value::as_array)
+                    .is_some_and(|o| !o.is_empty());
                 transaction_class(obj)
             }
             "ConstraintsSetStmt" => SqlClass::Transaction,
@@ -406,37 +476,109 @@ impl Walker {
             }
             "DeallocateStmt" => {
                 let all = obj.get("isall").and_then(Value::as_bool).unwrap_or(false);
-                let name = obj.get("name").and_then(Value::as_str).filter(|n| !n.is_empty() && !all);
+                let name = obj
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .filter(|n| !n.is_empty() && !all);
                 self.out.deallocates.push(name.map(str::to_owned));
                 SqlClass::Session
             }
             "DoStmt" => return self.do_block(obj, ctx),
             "CallStmt" => SqlClass::Exec,
-            "GrantStmt" | "GrantRoleStmt" | "AlterDefaultPrivilegesStmt" | "CreateRoleStmt" | "AlterRoleStmt"
-            | "AlterRoleSetStmt" | "DropRoleStmt" | "ReassignOwnedStmt" | "DropOwnedStmt" | "AlterOwnerStmt"
-            | "CreatePolicyStmt" | "AlterPolicyStmt" => SqlClass::Dcl,
-            "AlterSystemStmt" | "LoadStmt" | "CreateExtensionStmt" | "AlterExtensionStmt"
-            | "AlterExtensionContentsStmt" | "VacuumStmt" | "ClusterStmt" | "ReindexStmt" | "CheckPointStmt"
-            | "CreatedbStmt" | "DropdbStmt" | "AlterDatabaseStmt" | "AlterDatabaseSetStmt"
-            | "AlterDatabaseRefreshCollStmt" | "CreateTableSpaceStmt" | "DropTableSpaceStmt"
-            | "AlterTableSpaceOptionsStmt" | "AlterTableMoveAllStmt" | "CreateSubscriptionStmt"
-            | "AlterSubscriptionStmt" | "DropSubscriptionStmt" | "CreatePublicationStmt" | "AlterPublicationStmt"
-            | "CreateEventTrigStmt" | "AlterEventTrigStmt" | "CreateFdwStmt" | "AlterFdwStmt"
-            | "CreateForeignServerStmt" | "AlterForeignServerStmt" | "CreateUserMappingStmt"
-            | "AlterUserMappingStmt" | "DropUserMappingStmt" | "ImportForeignSchemaStmt" | "CreatePlangStmt"
-            | "CreateTransformStmt" | "SecLabelStmt" | "DiscardStmt" | "ListenStmt" | "UnlistenStmt"
-            | "AlterCollationStmt" | "CreateAmStmt" => SqlClass::Admin,
-            "CreateStmt" | "AlterTableStmt" | "DropStmt" | "CommentStmt" | "RenameStmt" | "IndexStmt" | "ViewStmt"
-            | "RuleStmt" | "DefineStmt" | "CreateTableAsStmt" | "CreateSeqStmt" | "AlterSeqStmt"
-            | "CreateDomainStmt" | "AlterDomainStmt" | "CreateFunctionStmt" | "AlterFunctionStmt"
-            | "CreateTrigStmt" | "CreateSchemaStmt" | "CreateConversionStmt" | "CreateCastStmt"
-            | "CreateOpClassStmt" | "CreateOpFamilyStmt" | "AlterOpFamilyStmt" | "CreateEnumStmt"
-            | "CreateRangeStmt" | "AlterEnumStmt" | "CompositeTypeStmt" | "CreateStatsStmt" | "AlterStatsStmt"
-            | "AlterObjectSchemaStmt" | "AlterObjectDependsStmt" | "AlterTsdictionaryStmt"
-            | "AlterTsconfigurationStmt" | "AlterOperatorStmt" | "AlterTypeStmt" | "CreateForeignTableStmt"
+            "GrantStmt"
+            | "GrantRoleStmt"
+            | "AlterDefaultPrivilegesStmt"
+            | "CreateRoleStmt"
+            | "AlterRoleStmt"
+            | "AlterRoleSetStmt"
+            | "DropRoleStmt"
+            | "ReassignOwnedStmt"
+            | "DropOwnedStmt"
+            | "AlterOwnerStmt"
+            | "CreatePolicyStmt"
+            | "AlterPolicyStmt" => SqlClass::Dcl,
+            "AlterSystemStmt"
+            | "LoadStmt"
+            | "CreateExtensionStmt"
+            | "AlterExtensionStmt"
+            | "AlterExtensionContentsStmt"
+            | "VacuumStmt"
+            | "ClusterStmt"
+            | "ReindexStmt"
+            | "CheckPointStmt"
+            | "CreatedbStmt"
+            | "DropdbStmt"
+            | "AlterDatabaseStmt"
+            | "AlterDatabaseSetStmt"
+            | "AlterDatabaseRefreshCollStmt"
+            | "CreateTableSpaceStmt"
+            | "DropTableSpaceStmt"
+            | "AlterTableSpaceOptionsStmt"
+            | "AlterTableMoveAllStmt"
+            | "CreateSubscriptionStmt"
+            | "AlterSubscriptionStmt"
+            | "DropSubscriptionStmt"
+            | "CreatePublicationStmt"
+            | "AlterPublicationStmt"
+            | "CreateEventTrigStmt"
+            | "AlterEventTrigStmt"
+            | "CreateFdwStmt"
+            | "AlterFdwStmt"
+            | "CreateForeignServerStmt"
+            | "AlterForeignServerStmt"
+            | "CreateUserMappingStmt"
+            | "AlterUserMappingStmt"
+            | "DropUserMappingStmt"
+            | "ImportForeignSchemaStmt"
+            | "CreatePlangStmt"
+            | "CreateTransformStmt"
+            | "SecLabelStmt"
+            | "DiscardStmt"
+            | "ListenStmt"
+            | "UnlistenStmt"
+            | "AlterCollationStmt"
+            | "CreateAmStmt" => SqlClass::Admin,
+            "CreateStmt"
+            | "AlterTableStmt"
+            | "DropStmt"
+            | "CommentStmt"
+            | "RenameStmt"
+            | "IndexStmt"
+            | "ViewStmt"
+            | "RuleStmt"
+            | "DefineStmt"
+            | "CreateTableAsStmt"
+            | "CreateSeqStmt"
+            | "AlterSeqStmt"
+            | "CreateDomainStmt"
+            | "AlterDomainStmt"
+            | "CreateFunctionStmt"
+            | "AlterFunctionStmt"
+            | "CreateTrigStmt"
+            | "CreateSchemaStmt"
+            | "CreateConversionStmt"
+            | "CreateCastStmt"
+            | "CreateOpClassStmt"
+            | "CreateOpFamilyStmt"
+            | "AlterOpFamilyStmt"
+            | "CreateEnumStmt"
+            | "CreateRangeStmt"
+            | "AlterEnumStmt"
+            | "CompositeTypeStmt"
+            | "CreateStatsStmt"
+            | "AlterStatsStmt"
+            | "AlterObjectSchemaStmt"
+            | "AlterObjectDependsStmt"
+            | "AlterTsdictionaryStmt"
+            | "AlterTsconfigurationStmt"
+            | "AlterOperatorStmt"
+            | "AlterTypeStmt"
+            | "CreateForeignTableStmt"
             | "AlterTableCmd" => SqlClass::Ddl,
             other => {
-                self.out.facts.class(SqlClass::Unknown, || format!("statement type {other} is not classified"));
+                self.out.facts.class(SqlClass::Unknown, || {
+                    format!("statement type {other} is not classified")
+                });
                 return self.object(obj, ctx);
             }
         };
@@ -464,32 +606,59 @@ impl Walker {
         // Whether it copies a file depends on a literal (the file name).
         self.out.depends_on_constants = true;
         let is_from = obj.get("is_from").and_then(Value::as_bool).unwrap_or(false);
-        let program = obj.get("is_program").and_then(Value::as_bool).unwrap_or(false);
+        let program = obj
+            .get("is_program")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let (start, end) = self.stmt_range;
         let stdio = self.stdio_tokens.iter().any(|&t| (start..end).contains(&t));
         // `TO ''` parses like `TO STDOUT`: only the STDIN/STDOUT keyword proves a client copy.
-        let file = !stdio || obj.get("filename").and_then(Value::as_str).is_some_and(|f| !f.is_empty());
+        let file = !stdio
+            || obj
+                .get("filename")
+                .and_then(Value::as_str)
+                .is_some_and(|f| !f.is_empty());
         if program || file {
-            let what = if program { "a program" } else { "a server file" };
-            self.stmt_class(SqlClass::Admin, ctx, || format!("COPY {} {what}", if is_from { "from" } else { "to" }));
+            let what = if program {
+                "a program"
+            } else {
+                "a server file"
+            };
+            self.stmt_class(SqlClass::Admin, ctx, || {
+                format!("COPY {} {what}", if is_from { "from" } else { "to" })
+            });
         }
-        let class = if is_from { SqlClass::Write } else { SqlClass::Read };
+        let class = if is_from {
+            SqlClass::Write
+        } else {
+            SqlClass::Read
+        };
         self.stmt_class(class, ctx, String::new);
         for (field, child) in obj {
-            let access = if field == "relation" { class } else { SqlClass::Read };
+            let access = if field == "relation" {
+                class
+            } else {
+                SqlClass::Read
+            };
             self.value(child, ctx.with_access(access));
         }
     }
 
     fn explain(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
         // `ANALYZE 'off'` vs `'on'`: the option's value is a literal.
-        self.out.depends_on_constants |= obj.get("options").and_then(Value::as_array).is_some_and(|o| !o.is_empty());
-        let analyze = obj.get("options").and_then(Value::as_array).is_some_and(|opts| {
-            opts.iter().any(|o| {
-                o.pointer("/node/DefElem/defname").and_then(Value::as_str) == Some("analyze")
-                    && !def_elem_is_false(o.pointer("/node/DefElem/arg"))
-            })
-        });
+        self.out.depends_on_constants |= obj
+            .get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|o| !o.is_empty());
+        let analyze = obj
+            .get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|opts| {
+                opts.iter().any(|o| {
+                    o.pointer("/node/DefElem/defname").and_then(Value::as_str) == Some("analyze")
+                        && !def_elem_is_false(o.pointer("/node/DefElem/arg"))
+                })
+            });
         self.stmt_class(SqlClass::Read, ctx, String::new);
         let inner = Ctx {
             explain_only: ctx.explain_only || !analyze,
@@ -518,9 +687,16 @@ impl Walker {
         self.stmt_class(SqlClass::Exec, ctx, String::new);
         let mut body = None;
         let mut language = "plpgsql".to_string();
-        for arg in obj.get("args").and_then(Value::as_array).into_iter().flatten() {
+        for arg in obj
+            .get("args")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let name = arg.pointer("/node/DefElem/defname").and_then(Value::as_str);
-            let val = arg.pointer("/node/DefElem/arg/node/String/sval").and_then(Value::as_str);
+            let val = arg
+                .pointer("/node/DefElem/arg/node/String/sval")
+                .and_then(Value::as_str);
             match (name, val) {
                 (Some("as"), Some(v)) => body = Some(v.to_owned()),
                 (Some("language"), Some(v)) => language = v.to_ascii_lowercase(),
@@ -528,10 +704,15 @@ impl Walker {
             }
         }
         if language != "plpgsql" {
-            return self.out.facts.class(SqlClass::Unknown, || format!("DO block in language {language}"));
+            return self.out.facts.class(SqlClass::Unknown, || {
+                format!("DO block in language {language}")
+            });
         }
         let Some(body) = body else {
-            return self.out.facts.class(SqlClass::Unknown, || "DO block without a body".into());
+            return self
+                .out
+                .facts
+                .class(SqlClass::Unknown, || "DO block without a body".into());
         };
         self.plpgsql_body(&body, ctx);
     }
@@ -544,10 +725,14 @@ impl Walker {
             n += 1;
             tag = format!("$chaperone{n}$");
         }
-        let wrapper = format!("CREATE FUNCTION chaperone_do() RETURNS void LANGUAGE plpgsql AS {tag}{body}{tag}");
+        let wrapper = format!(
+            "CREATE FUNCTION chaperone_do() RETURNS void LANGUAGE plpgsql AS {tag}{body}{tag}"
+        );
         match pg_query::parse_plpgsql(&wrapper) {
             Ok(tree) => self.plpgsql_tree(&tree, ctx),
-            Err(e) => self.out.facts.class(SqlClass::Unknown, || format!("PL/pgSQL body does not parse: {e}")),
+            Err(e) => self.out.facts.class(SqlClass::Unknown, || {
+                format!("PL/pgSQL body does not parse: {e}")
+            }),
         }
     }
 
@@ -558,10 +743,14 @@ impl Walker {
                 for (key, child) in obj {
                     match key.as_str() {
                         "PLpgSQL_stmt_dynexecute" | "PLpgSQL_stmt_dynfors" => {
-                            self.out.facts.class(SqlClass::Unknown, || "dynamic SQL (EXECUTE) in a PL/pgSQL block".into());
+                            self.out.facts.class(SqlClass::Unknown, || {
+                                "dynamic SQL (EXECUTE) in a PL/pgSQL block".into()
+                            });
                         }
                         "dynquery" => {
-                            self.out.facts.class(SqlClass::Unknown, || "dynamic cursor query in a PL/pgSQL block".into());
+                            self.out.facts.class(SqlClass::Unknown, || {
+                                "dynamic cursor query in a PL/pgSQL block".into()
+                            });
                         }
                         "PLpgSQL_expr" => self.plpgsql_expr(child, ctx),
                         _ => self.plpgsql_tree(child, ctx),
@@ -581,14 +770,28 @@ impl Walker {
             Ok(inner) => {
                 let mut facts = inner.facts;
                 if ctx.explain_only {
-                    facts.classes = facts.classes.into_iter().map(|c| if c == SqlClass::Unknown { c } else { SqlClass::Read }).collect();
+                    facts.classes = facts
+                        .classes
+                        .into_iter()
+                        .map(|c| {
+                            if c == SqlClass::Unknown {
+                                c
+                            } else {
+                                SqlClass::Read
+                            }
+                        })
+                        .collect();
                 }
                 self.out.facts.merge(&facts);
                 if !inner.executes.is_empty() || !inner.prepares.is_empty() {
-                    self.out.facts.class(SqlClass::Unknown, || "PREPARE/EXECUTE inside a PL/pgSQL block".into());
+                    self.out.facts.class(SqlClass::Unknown, || {
+                        "PREPARE/EXECUTE inside a PL/pgSQL block".into()
+                    });
                 }
             }
-            Err(e) => self.out.facts.class(SqlClass::Unknown, || format!("PL/pgSQL expression `{query}`: {e}")),
+            Err(e) => self.out.facts.class(SqlClass::Unknown, || {
+                format!("PL/pgSQL expression `{query}`: {e}")
+            }),
         }
     }
 
@@ -598,7 +801,11 @@ impl Walker {
         if schema.is_empty() && ctx.ctes.contains(rel) {
             return;
         }
-        let access = if ctx.explain_only { SqlClass::Read } else { ctx.access };
+        let access = if ctx.explain_only {
+            SqlClass::Read
+        } else {
+            ctx.access
+        };
         self.out.facts.objects.insert(ObjectRef {
             name: qualify(schema, rel),
             access,
@@ -607,11 +814,19 @@ impl Walker {
     }
 
     fn dropped_objects(&mut self, obj: &Map<String, Value>) {
-        for o in obj.get("objects").and_then(Value::as_array).into_iter().flatten() {
+        for o in obj
+            .get("objects")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
             let Some(items) = o.pointer("/node/List/items").and_then(Value::as_array) else {
                 continue;
             };
-            let parts: Vec<&str> = items.iter().filter_map(|i| i.pointer("/node/String/sval")?.as_str()).collect();
+            let parts: Vec<&str> = items
+                .iter()
+                .filter_map(|i| i.pointer("/node/String/sval")?.as_str())
+                .collect();
             let name = match parts.as_slice() {
                 [rel] => qualify("", rel),
                 [schema, rel] => qualify(schema, rel),
@@ -639,9 +854,15 @@ impl Walker {
         };
         let builtin = schema.is_empty() || schema == "pg_catalog";
         if builtin && name == "set_config" {
-            self.out.facts.class(SqlClass::Admin, || "set_config() changes session settings".into());
+            self.out.facts.class(SqlClass::Admin, || {
+                "set_config() changes session settings".into()
+            });
         } else if !(builtin && SAFE_FUNCTIONS.binary_search(&name).is_ok()) {
-            let full = if schema.is_empty() { name.to_owned() } else { format!("{schema}.{name}") };
+            let full = if schema.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{schema}.{name}")
+            };
             // Not a class of its own: a grant may list the function (or allow `exec`, any function).
             self.out.facts.functions.insert(full);
         }
@@ -671,8 +892,12 @@ fn describe(kind: &str, obj: &Map<String, Value>) -> String {
 /// A `DefElem` argument that says false/off/0 (absent means true).
 fn def_elem_is_false(arg: Option<&Value>) -> bool {
     let Some(arg) = arg else { return false };
-    let ival = arg.pointer("/node/AConst/val/Ival/ival").and_then(Value::as_i64);
-    let bval = arg.pointer("/node/AConst/val/Boolval/boolval").and_then(Value::as_bool);
+    let ival = arg
+        .pointer("/node/AConst/val/Ival/ival")
+        .and_then(Value::as_i64);
+    let bval = arg
+        .pointer("/node/AConst/val/Boolval/boolval")
+        .and_then(Value::as_bool);
     let sval = arg
         .pointer("/node/String/sval")
         .or_else(|| arg.pointer("/node/AConst/val/Sval/sval"))
@@ -683,18 +908,30 @@ fn def_elem_is_false(arg: Option<&Value>) -> bool {
 /// `SET`/`RESET`: harmless parameters are `session`; read-write toggles, role and
 /// authorization changes, search_path, string-parsing modes and everything unknown are `admin`.
 fn variable_set_class(obj: &Map<String, Value>) -> SqlClass {
-    let name = obj.get("name").and_then(Value::as_str).unwrap_or("").to_ascii_lowercase();
+    let name = obj
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_ascii_lowercase();
     match name.as_str() {
         // RESET ALL resets default_transaction_read_only too.
         "" => SqlClass::Admin,
         "transaction" | "session characteristics" => {
-            let read_write = obj.get("args").and_then(Value::as_array).is_some_and(|args| {
-                args.iter().any(|a| {
-                    a.pointer("/node/DefElem/defname").and_then(Value::as_str) == Some("transaction_read_only")
-                        && def_elem_is_false(a.pointer("/node/DefElem/arg"))
-                })
-            });
-            if read_write { SqlClass::Admin } else { SqlClass::Transaction }
+            let read_write = obj
+                .get("args")
+                .and_then(Value::as_array)
+                .is_some_and(|args| {
+                    args.iter().any(|a| {
+                        a.pointer("/node/DefElem/defname").and_then(Value::as_str)
+                            == Some("transaction_read_only")
+                            && def_elem_is_false(a.pointer("/node/DefElem/arg"))
+                    })
+                });
+            if read_write {
+                SqlClass::Admin
+            } else {
+                SqlClass::Transaction
+            }
         }
         n if SAFE_SETTINGS.contains(&n) => SqlClass::Session,
         _ => SqlClass::Admin,
@@ -704,16 +941,31 @@ fn variable_set_class(obj: &Map<String, Value>) -> SqlClass {
 fn transaction_class(obj: &Map<String, Value>) -> SqlClass {
     // PREPARE TRANSACTION, COMMIT PREPARED, ROLLBACK PREPARED (an empty gid is still a gid).
     const TWO_PHASE: [i64; 3] = [8, 9, 10];
-    let two_phase = obj.get("kind").and_then(Value::as_i64).is_some_and(|k| TWO_PHASE.contains(&k));
-    let gid = two_phase || obj.get("gid").and_then(Value::as_str).is_some_and(|g| !g.is_empty());
-    let read_write = obj.get("options").and_then(Value::as_array).is_some_and(|opts| {
-        opts.iter().any(|o| {
-            o.pointer("/node/DefElem/defname").and_then(Value::as_str) == Some("transaction_read_only")
-                && def_elem_is_false(o.pointer("/node/DefElem/arg"))
-        })
-    });
+    let two_phase = obj
+        .get("kind")
+        .and_then(Value::as_i64)
+        .is_some_and(|k| TWO_PHASE.contains(&k));
+    let gid = two_phase
+        || obj
+            .get("gid")
+            .and_then(Value::as_str)
+            .is_some_and(|g| !g.is_empty());
+    let read_write = obj
+        .get("options")
+        .and_then(Value::as_array)
+        .is_some_and(|opts| {
+            opts.iter().any(|o| {
+                o.pointer("/node/DefElem/defname").and_then(Value::as_str)
+                    == Some("transaction_read_only")
+                    && def_elem_is_false(o.pointer("/node/DefElem/arg"))
+            })
+        });
     // PREPARE TRANSACTION / COMMIT PREPARED outlive the session; READ WRITE lifts read-only.
-    if gid || read_write { SqlClass::Admin } else { SqlClass::Transaction }
+    if gid || read_write {
+        SqlClass::Admin
+    } else {
+        SqlClass::Transaction
+    }
 }
 
 /// Session parameters an agent may set: output formats, timeouts, names. Not here on purpose:
@@ -739,42 +991,243 @@ const SAFE_SETTINGS: &[&str] = &[
 /// Built-in functions that only compute: no writes, no side effects, no file or network access,
 /// no dynamic SQL. Sorted (binary search). Anything else is `exec`.
 const SAFE_FUNCTIONS: &[&str] = &[
-    "abs", "age", "array_agg", "array_append", "array_cat", "array_dims", "array_length", "array_lower",
-    "array_position", "array_positions", "array_prepend", "array_remove", "array_replace", "array_to_json",
-    "array_to_string", "array_upper", "ascii", "avg", "bit_length", "bool_and", "bool_or", "btrim", "cardinality",
-    "cbrt", "ceil", "ceiling", "char_length", "character_length", "chr", "clock_timestamp", "coalesce", "col_description",
-    "concat", "concat_ws", "corr", "count", "covar_pop", "covar_samp", "cume_dist", "current_database", "current_schema",
-    "current_schemas", "current_setting", "date_bin", "date_part", "date_trunc", "degrees", "dense_rank", "div", "encode",
-    "every", "exp", "extract", "first_value", "floor", "format", "format_type", "gcd", "generate_series",
-    "generate_subscripts", "greatest", "has_column_privilege", "has_database_privilege", "has_function_privilege",
-    "has_schema_privilege", "has_sequence_privilege", "has_table_privilege", "initcap", "isfinite", "json_agg",
-    "json_array_elements", "json_array_elements_text", "json_array_length", "json_build_array", "json_build_object",
-    "json_each", "json_each_text", "json_extract_path", "json_extract_path_text", "json_object", "json_object_agg",
-    "json_object_keys", "json_typeof", "jsonb_agg", "jsonb_array_elements", "jsonb_array_elements_text",
-    "jsonb_array_length", "jsonb_build_array", "jsonb_build_object", "jsonb_each", "jsonb_each_text",
-    "jsonb_extract_path", "jsonb_extract_path_text", "jsonb_object_agg", "jsonb_object_keys", "jsonb_path_exists",
-    "jsonb_path_query", "jsonb_pretty", "jsonb_set", "jsonb_strip_nulls", "jsonb_typeof", "justify_days",
-    "justify_hours", "justify_interval", "lag", "last_value", "lcm", "lead", "least", "left", "length", "ln", "log",
-    "log10", "lower", "lpad", "ltrim", "make_date", "make_interval", "make_time", "make_timestamp", "make_timestamptz",
-    "max", "md5", "min", "mod", "mode", "now", "nth_value", "ntile", "nullif", "num_nonnulls", "num_nulls",
-    "obj_description", "octet_length", "overlay", "percent_rank", "percentile_cont", "percentile_disc",
-    "pg_backend_pid", "pg_collation_is_visible", "pg_column_size", "pg_conversion_is_visible", "pg_database_size",
-    "pg_encoding_to_char", "pg_function_is_visible", "pg_get_constraintdef", "pg_get_expr", "pg_get_function_arguments",
-    "pg_get_function_identity_arguments", "pg_get_function_result", "pg_get_indexdef", "pg_get_partition_constraintdef",
-    "pg_get_partkeydef", "pg_get_ruledef", "pg_get_serial_sequence", "pg_get_statisticsobjdef_columns",
-    "pg_get_triggerdef", "pg_get_userbyid", "pg_get_viewdef", "pg_has_role", "pg_indexes_size",
-    "pg_opclass_is_visible", "pg_operator_is_visible", "pg_opfamily_is_visible", "pg_postmaster_start_time",
+    "abs",
+    "age",
+    "array_agg",
+    "array_append",
+    "array_cat",
+    "array_dims",
+    "array_length",
+    "array_lower",
+    "array_position",
+    "array_positions",
+    "array_prepend",
+    "array_remove",
+    "array_replace",
+    "array_to_json",
+    "array_to_string",
+    "array_upper",
+    "ascii",
+    "avg",
+    "bit_length",
+    "bool_and",
+    "bool_or",
+    "btrim",
+    "cardinality",
+    "cbrt",
+    "ceil",
+    "ceiling",
+    "char_length",
+    "character_length",
+    "chr",
+    "clock_timestamp",
+    "coalesce",
+    "col_description",
+    "concat",
+    "concat_ws",
+    "corr",
+    "count",
+    "covar_pop",
+    "covar_samp",
+    "cume_dist",
+    "current_database",
+    "current_schema",
+    "current_schemas",
+    "current_setting",
+    "date_bin",
+    "date_part",
+    "date_trunc",
+    "degrees",
+    "dense_rank",
+    "div",
+    "encode",
+    "every",
+    "exp",
+    "extract",
+    "first_value",
+    "floor",
+    "format",
+    "format_type",
+    "gcd",
+    "generate_series",
+    "generate_subscripts",
+    "greatest",
+    "has_column_privilege",
+    "has_database_privilege",
+    "has_function_privilege",
+    "has_schema_privilege",
+    "has_sequence_privilege",
+    "has_table_privilege",
+    "initcap",
+    "isfinite",
+    "json_agg",
+    "json_array_elements",
+    "json_array_elements_text",
+    "json_array_length",
+    "json_build_array",
+    "json_build_object",
+    "json_each",
+    "json_each_text",
+    "json_extract_path",
+    "json_extract_path_text",
+    "json_object",
+    "json_object_agg",
+    "json_object_keys",
+    "json_typeof",
+    "jsonb_agg",
+    "jsonb_array_elements",
+    "jsonb_array_elements_text",
+    "jsonb_array_length",
+    "jsonb_build_array",
+    "jsonb_build_object",
+    "jsonb_each",
+    "jsonb_each_text",
+    "jsonb_extract_path",
+    "jsonb_extract_path_text",
+    "jsonb_object_agg",
+    "jsonb_object_keys",
+    "jsonb_path_exists",
+    "jsonb_path_query",
+    "jsonb_pretty",
+    "jsonb_set",
+    "jsonb_strip_nulls",
+    "jsonb_typeof",
+    "justify_days",
+    "justify_hours",
+    "justify_interval",
+    "lag",
+    "last_value",
+    "lcm",
+    "lead",
+    "least",
+    "left",
+    "length",
+    "ln",
+    "log",
+    "log10",
+    "lower",
+    "lpad",
+    "ltrim",
+    "make_date",
+    "make_interval",
+    "make_time",
+    "make_timestamp",
+    "make_timestamptz",
+    "max",
+    "md5",
+    "min",
+    "mod",
+    "mode",
+    "now",
+    "nth_value",
+    "ntile",
+    "nullif",
+    "num_nonnulls",
+    "num_nulls",
+    "obj_description",
+    "octet_length",
+    "overlay",
+    "percent_rank",
+    "percentile_cont",
+    "percentile_disc",
+    "pg_backend_pid",
+    "pg_collation_is_visible",
+    "pg_column_size",
+    "pg_conversion_is_visible",
+    "pg_database_size",
+    "pg_encoding_to_char",
+    "pg_function_is_visible",
+    "pg_get_constraintdef",
+    "pg_get_expr",
+    "pg_get_function_arguments",
+    "pg_get_function_identity_arguments",
+    "pg_get_function_result",
+    "pg_get_indexdef",
+    "pg_get_partition_constraintdef",
+    "pg_get_partkeydef",
+    "pg_get_ruledef",
+    "pg_get_serial_sequence",
+    "pg_get_statisticsobjdef_columns",
+    "pg_get_triggerdef",
+    "pg_get_userbyid",
+    "pg_get_viewdef",
+    "pg_has_role",
+    "pg_indexes_size",
+    "pg_opclass_is_visible",
+    "pg_operator_is_visible",
+    "pg_opfamily_is_visible",
+    "pg_postmaster_start_time",
     "pg_relation_is_publishable",
-    "pg_relation_size", "pg_size_pretty", "pg_table_is_visible", "pg_table_size", "pg_tablespace_location", "pg_total_relation_size",
-    "pg_ts_config_is_visible", "pg_ts_dict_is_visible", "pg_ts_parser_is_visible", "pg_ts_template_is_visible",
-    "pg_type_is_visible", "pi", "position", "power", "quote_ident", "quote_literal", "quote_nullable", "radians",
-    "random", "rank", "regexp_count", "regexp_instr", "regexp_like", "regexp_match", "regexp_matches",
-    "regexp_replace", "regexp_split_to_array", "regexp_split_to_table", "repeat", "replace", "reverse", "right",
-    "round", "row_number", "row_to_json", "rpad", "rtrim", "sign", "split_part", "sqrt", "starts_with",
-    "statement_timestamp", "stddev", "stddev_pop", "stddev_samp", "string_agg", "string_to_array", "strpos",
-    "substr", "substring", "sum", "timeofday", "to_char", "to_date", "to_hex", "to_json", "to_jsonb", "to_number",
-    "to_timestamp", "transaction_timestamp", "translate", "trim", "trunc", "unnest", "upper", "var_pop", "var_samp",
-    "variance", "version", "width_bucket",
+    "pg_relation_size",
+    "pg_size_pretty",
+    "pg_table_is_visible",
+    "pg_table_size",
+    "pg_tablespace_location",
+    "pg_total_relation_size",
+    "pg_ts_config_is_visible",
+    "pg_ts_dict_is_visible",
+    "pg_ts_parser_is_visible",
+    "pg_ts_template_is_visible",
+    "pg_type_is_visible",
+    "pi",
+    "position",
+    "power",
+    "quote_ident",
+    "quote_literal",
+    "quote_nullable",
+    "radians",
+    "random",
+    "rank",
+    "regexp_count",
+    "regexp_instr",
+    "regexp_like",
+    "regexp_match",
+    "regexp_matches",
+    "regexp_replace",
+    "regexp_split_to_array",
+    "regexp_split_to_table",
+    "repeat",
+    "replace",
+    "reverse",
+    "right",
+    "round",
+    "row_number",
+    "row_to_json",
+    "rpad",
+    "rtrim",
+    "sign",
+    "split_part",
+    "sqrt",
+    "starts_with",
+    "statement_timestamp",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "string_agg",
+    "string_to_array",
+    "strpos",
+    "substr",
+    "substring",
+    "sum",
+    "timeofday",
+    "to_char",
+    "to_date",
+    "to_hex",
+    "to_json",
+    "to_jsonb",
+    "to_number",
+    "to_timestamp",
+    "transaction_timestamp",
+    "translate",
+    "trim",
+    "trunc",
+    "unnest",
+    "upper",
+    "var_pop",
+    "var_samp",
+    "variance",
+    "version",
+    "width_bucket",
 ];
 
 #[cfg(test)]
@@ -788,18 +1241,33 @@ mod tests {
     }
 
     fn objects(sql: &str) -> Vec<(String, SqlClass)> {
-        classify(sql).unwrap().facts.objects.into_iter().map(|o| (o.name, o.access)).collect()
+        classify(sql)
+            .unwrap()
+            .facts
+            .objects
+            .into_iter()
+            .map(|o| (o.name, o.access))
+            .collect()
     }
 
     #[test]
     fn safe_functions_are_sorted() {
-        assert!(SAFE_FUNCTIONS.windows(2).all(|w| w[0] < w[1]), "keep SAFE_FUNCTIONS sorted and unique");
+        assert!(
+            SAFE_FUNCTIONS.windows(2).all(|w| w[0] < w[1]),
+            "keep SAFE_FUNCTIONS sorted and unique"
+        );
     }
 
     #[test]
     fn objects_and_access() {
-        assert_eq!(objects("SELECT * FROM users"), [("public.users".into(), Read)]);
-        assert_eq!(objects("select relname from pg_class"), [("pg_catalog.pg_class".into(), Read)]);
+        assert_eq!(
+            objects("SELECT * FROM users"),
+            [("public.users".into(), Read)]
+        );
+        assert_eq!(
+            objects("select relname from pg_class"),
+            [("pg_catalog.pg_class".into(), Read)]
+        );
         assert_eq!(
             objects("INSERT INTO audit.log SELECT * FROM public.users"),
             [("audit.log".into(), Write), ("public.users".into(), Read)]
@@ -808,7 +1276,10 @@ mod tests {
             objects("CREATE VIEW v AS SELECT * FROM t"),
             [("public.t".into(), Read), ("public.v".into(), Ddl)]
         );
-        assert_eq!(objects("DROP TABLE s.t, u"), [("public.u".into(), Ddl), ("s.t".into(), Ddl)]);
+        assert_eq!(
+            objects("DROP TABLE s.t, u"),
+            [("public.u".into(), Ddl), ("s.t".into(), Ddl)]
+        );
     }
 
     #[test]
@@ -824,11 +1295,28 @@ mod tests {
     #[test]
     fn cte_names_do_not_hide_real_tables() {
         let o = |sql: &str| objects(sql);
-        assert_eq!(o("WITH t AS (SELECT 1) DELETE FROM t"), [("public.t".into(), Write)]);
-        assert_eq!(o("WITH t AS (SELECT 1) INSERT INTO t SELECT 1"), [("public.t".into(), Write)]);
-        assert_eq!(o("WITH t AS (SELECT * FROM t) SELECT * FROM t"), [("public.t".into(), Read)]);
-        assert_eq!(o("WITH a AS (SELECT * FROM t), t AS (SELECT 1) SELECT * FROM a"), [("public.t".into(), Read)]);
-        assert_eq!(o("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT * FROM r"), []);
+        assert_eq!(
+            o("WITH t AS (SELECT 1) DELETE FROM t"),
+            [("public.t".into(), Write)]
+        );
+        assert_eq!(
+            o("WITH t AS (SELECT 1) INSERT INTO t SELECT 1"),
+            [("public.t".into(), Write)]
+        );
+        assert_eq!(
+            o("WITH t AS (SELECT * FROM t) SELECT * FROM t"),
+            [("public.t".into(), Read)]
+        );
+        assert_eq!(
+            o("WITH a AS (SELECT * FROM t), t AS (SELECT 1) SELECT * FROM a"),
+            [("public.t".into(), Read)]
+        );
+        assert_eq!(
+            o(
+                "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT * FROM r"
+            ),
+            []
+        );
     }
 
     #[test]
@@ -841,24 +1329,66 @@ mod tests {
             "COPY users FROM ''",
         ] {
             let c = classify(sql).unwrap();
-            assert!(c.facts.classes.contains(&Admin), "{sql}: {:?}", c.facts.classes);
+            assert!(
+                c.facts.classes.contains(&Admin),
+                "{sql}: {:?}",
+                c.facts.classes
+            );
         }
-        assert!(!classify("COPY users TO STDOUT").unwrap().facts.classes.contains(&Admin));
-        assert!(!classify("copy (select 1) to stdout; copy users from stdin").unwrap().facts.classes.contains(&Admin));
-        assert!(classify("COPY users TO STDOUT; COPY users TO ''").unwrap().facts.classes.contains(&Admin), "per statement");
-        for sql in ["EXPLAIN (ANALYZE 'off') SELECT 1", "COPY users TO STDOUT", "BEGIN READ ONLY", "SET TRANSACTION READ ONLY"] {
+        assert!(
+            !classify("COPY users TO STDOUT")
+                .unwrap()
+                .facts
+                .classes
+                .contains(&Admin)
+        );
+        assert!(
+            !classify("copy (select 1) to stdout; copy users from stdin")
+                .unwrap()
+                .facts
+                .classes
+                .contains(&Admin)
+        );
+        assert!(
+            classify("COPY users TO STDOUT; COPY users TO ''")
+                .unwrap()
+                .facts
+                .classes
+                .contains(&Admin),
+            "per statement"
+        );
+        for sql in [
+            "EXPLAIN (ANALYZE 'off') SELECT 1",
+            "COPY users TO STDOUT",
+            "BEGIN READ ONLY",
+            "SET TRANSACTION READ ONLY",
+        ] {
             assert!(classify(sql).unwrap().depends_on_constants, "{sql}");
         }
     }
 
     #[test]
     fn hidden_calls_and_writes_are_found() {
-        let f = classify("SELECT 1 LIMIT (SELECT lo_unlink(1))").unwrap().facts;
-        assert_eq!((f.effective_classes().into_iter().collect::<Vec<_>>(), f.functions.len()), (vec![Read, Exec], 1));
+        let f = classify("SELECT 1 LIMIT (SELECT lo_unlink(1))")
+            .unwrap()
+            .facts;
+        assert_eq!(
+            (
+                f.effective_classes().into_iter().collect::<Vec<_>>(),
+                f.functions.len()
+            ),
+            (vec![Read, Exec], 1)
+        );
         let f = classify("VALUES (pg_sleep(1))").unwrap().facts;
         assert_eq!(f.functions.into_iter().collect::<Vec<_>>(), ["pg_sleep"]);
-        assert_eq!(classes("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d"), [Read, Write]);
-        assert_eq!(classes("SELECT count(*) OVER (PARTITION BY lower(x)) FROM t"), [Read]);
+        assert_eq!(
+            classes("WITH d AS (DELETE FROM t RETURNING *) SELECT * FROM d"),
+            [Read, Write]
+        );
+        assert_eq!(
+            classes("SELECT count(*) OVER (PARTITION BY lower(x)) FROM t"),
+            [Read]
+        );
         let f = classify("SELECT public.evil(1)").unwrap().facts;
         assert_eq!(f.functions.into_iter().collect::<Vec<_>>(), ["public.evil"]);
     }

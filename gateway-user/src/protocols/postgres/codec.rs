@@ -43,8 +43,14 @@ impl From<std::io::Error> for CodecError {
 pub enum Startup {
     Ssl,
     GssEnc,
-    Cancel { pid: i32, key: i32 },
-    Startup { minor: u16, params: Vec<(String, String)> },
+    Cancel {
+        pid: i32,
+        key: i32,
+    },
+    Startup {
+        minor: u16,
+        params: Vec<(String, String)>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -74,14 +80,18 @@ impl Decoder for StartupCodec {
         packet.advance(4);
         let code = packet.get_i32();
         match code {
-            SSL_REQUEST | GSSENC_REQUEST if packet.is_empty() => {
-                Ok(Some(if code == SSL_REQUEST { Startup::Ssl } else { Startup::GssEnc }))
-            }
+            SSL_REQUEST | GSSENC_REQUEST if packet.is_empty() => Ok(Some(if code == SSL_REQUEST {
+                Startup::Ssl
+            } else {
+                Startup::GssEnc
+            })),
             CANCEL_REQUEST if packet.len() == 8 => Ok(Some(Startup::Cancel {
                 pid: packet.get_i32(),
                 key: packet.get_i32(),
             })),
-            SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(CodecError::Malformed { what: "startup request" }),
+            SSL_REQUEST | GSSENC_REQUEST | CANCEL_REQUEST => Err(CodecError::Malformed {
+                what: "startup request",
+            }),
             version => {
                 let (major, minor) = ((version >> 16) as u16, (version & 0xffff) as u16);
                 if major != 3 {
@@ -101,7 +111,13 @@ fn startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, CodecError> 
     loop {
         let key = cstr(&mut body, "startup parameter")?;
         if key.is_empty() {
-            return if body.is_empty() { Ok(params) } else { Err(CodecError::Malformed { what: "startup packet" }) };
+            return if body.is_empty() {
+                Ok(params)
+            } else {
+                Err(CodecError::Malformed {
+                    what: "startup packet",
+                })
+            };
         }
         let value = cstr(&mut body, "startup parameter")?;
         params.push((key.to_owned(), value.to_owned()));
@@ -110,7 +126,10 @@ fn startup_params(mut body: &[u8]) -> Result<Vec<(String, String)>, CodecError> 
 
 /// One NUL-terminated UTF-8 string from the front of `body`.
 pub fn cstr<'a>(body: &mut &'a [u8], what: &'static str) -> Result<&'a str, CodecError> {
-    let end = body.iter().position(|&b| b == 0).ok_or(CodecError::Malformed { what })?;
+    let end = body
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or(CodecError::Malformed { what })?;
     let s = std::str::from_utf8(&body[..end]).map_err(|_| CodecError::Malformed { what })?;
     *body = &body[end + 1..];
     Ok(s)
@@ -137,7 +156,9 @@ pub struct FrameCodec {
 
 impl Default for FrameCodec {
     fn default() -> Self {
-        Self { max_len: MAX_FRAME_LEN }
+        Self {
+            max_len: MAX_FRAME_LEN,
+        }
     }
 }
 
@@ -320,7 +341,11 @@ mod tests {
         let full = startup_bytes(&[("user", "u"), ("database", "d")]);
         let mut codec = StartupCodec;
         let mut partial = BytesMut::from(&full[..full.len() - 1]);
-        assert_eq!(codec.decode(&mut partial).unwrap(), None, "waits for the whole packet");
+        assert_eq!(
+            codec.decode(&mut partial).unwrap(),
+            None,
+            "waits for the whole packet"
+        );
         let mut whole = full.clone();
         let got = codec.decode(&mut whole).unwrap().unwrap();
         assert_eq!(
@@ -344,7 +369,10 @@ mod tests {
         b.put_i32(9);
         let mut c = StartupCodec;
         assert_eq!(c.decode(&mut b).unwrap(), Some(Startup::Ssl));
-        assert_eq!(c.decode(&mut b).unwrap(), Some(Startup::Cancel { pid: 7, key: 9 }));
+        assert_eq!(
+            c.decode(&mut b).unwrap(),
+            Some(Startup::Cancel { pid: 7, key: 9 })
+        );
     }
 
     #[test]
@@ -354,14 +382,20 @@ mod tests {
             let mut b = BytesMut::new();
             b.put_i32(len);
             b.put_i32(3 << 16);
-            assert!(matches!(c.decode(&mut b), Err(CodecError::BadLength { .. })), "{len}");
+            assert!(
+                matches!(c.decode(&mut b), Err(CodecError::BadLength { .. })),
+                "{len}"
+            );
         }
         let mut f = FrameCodec::default();
         for len in [0i32, 3, -5, 1 << 30] {
             let mut b = BytesMut::new();
             b.put_u8(b'Q');
             b.put_i32(len);
-            assert!(matches!(f.decode(&mut b), Err(CodecError::BadLength { .. })), "{len}");
+            assert!(
+                matches!(f.decode(&mut b), Err(CodecError::BadLength { .. })),
+                "{len}"
+            );
             assert!(b.capacity() < 1 << 20, "no allocation for a claimed {len}");
         }
     }
@@ -371,7 +405,10 @@ mod tests {
         let mut b = BytesMut::new();
         b.put_i32(8);
         b.put_i32(2 << 16);
-        assert!(matches!(StartupCodec.decode(&mut b), Err(CodecError::UnsupportedProtocol { major: 2, .. })));
+        assert!(matches!(
+            StartupCodec.decode(&mut b),
+            Err(CodecError::UnsupportedProtocol { major: 2, .. })
+        ));
         let mut bad = startup_bytes(&[("user", "u")]);
         let n = bad.len();
         bad[n - 1] = b'x'; // no terminating NUL
@@ -383,7 +420,11 @@ mod tests {
         let mut b = BytesMut::new();
         query(&mut b, "select 1");
         parse(&mut b, "s1", "select $1");
-        error_fields(&mut b, b'E', &[(b'S', "ERROR"), (b'C', "42501"), (b'M', "no")]);
+        error_fields(
+            &mut b,
+            b'E',
+            &[(b'S', "ERROR"), (b'C', "42501"), (b'M', "no")],
+        );
         let mut f = FrameCodec::default();
         let q = f.decode(&mut b).unwrap().unwrap();
         assert_eq!((q.tag, query_sql(&q).unwrap()), (b'Q', "select 1"));

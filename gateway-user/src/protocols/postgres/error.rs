@@ -56,8 +56,12 @@ impl PgError {
 
     pub fn encode(&self, buf: &mut BytesMut) {
         let severity = if self.fatal { "FATAL" } else { "ERROR" };
-        let mut fields: Vec<(u8, &str)> =
-            vec![(b'S', severity), (b'V', severity), (b'C', self.code), (b'M', &self.message)];
+        let mut fields: Vec<(u8, &str)> = vec![
+            (b'S', severity),
+            (b'V', severity),
+            (b'C', self.code),
+            (b'M', &self.message),
+        ];
         if let Some(d) = &self.detail {
             fields.push((b'D', d));
         }

@@ -30,6 +30,7 @@ use classify::Facts;
 use codec::{CodecError, Frame, FrameCodec, Startup, StartupCodec};
 use error::PgError;
 use futures_util::StreamExt as _;
+use std::os::fd::AsRawFd;
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -39,7 +40,6 @@ use std::{
     },
     time::Duration,
 };
-use std::os::fd::AsRawFd;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf},
     net::TcpStream,
@@ -95,7 +95,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(secrets: Secrets, tls_acceptor: Option<TlsAcceptor>, tls_connectors: HashMap<String, TlsConnector>) -> Self {
+    pub fn new(
+        secrets: Secrets,
+        tls_acceptor: Option<TlsAcceptor>,
+        tls_connectors: HashMap<String, TlsConnector>,
+    ) -> Self {
         Self {
             secrets,
             tls_acceptor,
@@ -134,7 +138,11 @@ struct Counters<'a> {
     denied: &'a mut u64,
 }
 
-pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder) -> Result<(), PgSessionError> {
+pub async fn serve(
+    s: &Session<'_>,
+    client: TcpStream,
+    rec: &mut SessionRecorder,
+) -> Result<(), PgSessionError> {
     let client_fd = client.as_raw_fd();
     let mut slot: Option<BoxStream> = Some(Box::new(client));
     let mut buf = BytesMut::with_capacity(1024);
@@ -168,7 +176,10 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
     let cred_name = s.target.credential.as_deref().unwrap_or_default();
     let Some(cred) = s.shared.secrets.get(cred_name) else {
         send_error(&mut cw, &PgError::upstream_unavailable(&s.target.name)).await?;
-        return Err(PgSessionError::NoCredential(s.target.name.clone(), cred_name.into()));
+        return Err(PgSessionError::NoCredential(
+            s.target.name.clone(),
+            cred_name.into(),
+        ));
     };
     let identity = s.agent.and_then(|a| a.name.as_deref());
     let mut extra = checked.forward;
@@ -200,8 +211,11 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
 
     let mut greeting = BytesMut::new();
     if minor > 0 {
-        let unrecognized: Vec<&str> =
-            params.iter().map(|(k, _)| k.as_str()).filter(|k| k.starts_with("_pq_.")).collect();
+        let unrecognized: Vec<&str> = params
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .filter(|k| k.starts_with("_pq_."))
+            .collect();
         codec::negotiate_protocol_version(&mut greeting, &unrecognized);
     }
     codec::auth_ok(&mut greeting);
@@ -210,7 +224,11 @@ pub async fn serve(s: &Session<'_>, client: TcpStream, rec: &mut SessionRecorder
     }
     let _cancel_key = up.backend_key.map(|(pid, key)| {
         let ours = (random_i32(), random_i32());
-        s.shared.cancels.lock().unwrap().insert(ours, (s.upstream, pid, key));
+        s.shared
+            .cancels
+            .lock()
+            .unwrap()
+            .insert(ours, (s.upstream, pid, key));
         codec::backend_key_data(&mut greeting, ours.0, ours.1);
         CancelKey {
             shared: s.shared,
@@ -270,7 +288,9 @@ async fn read_startup(
     let mut codec = StartupCodec;
     let mut encrypted = false;
     loop {
-        let stream = slot.as_mut().expect("the stream is only taken for the TLS upgrade");
+        let stream = slot
+            .as_mut()
+            .expect("the stream is only taken for the TLS upgrade");
         let packet = loop {
             if let Some(p) = codec.decode(buf)? {
                 break p;
@@ -286,7 +306,10 @@ async fn read_startup(
                 stream.write_all(b"S").await?;
                 let plain = slot.take().expect("present");
                 let acceptor = s.shared.tls_acceptor.as_ref().expect("checked");
-                let tls = acceptor.accept(plain).await.map_err(PgSessionError::ClientTls)?;
+                let tls = acceptor
+                    .accept(plain)
+                    .await
+                    .map_err(PgSessionError::ClientTls)?;
                 *slot = Some(Box::new(tls));
                 encrypted = true;
             }
@@ -316,8 +339,14 @@ struct CheckedStartup {
 
 /// Startup parameters are GUC settings: any of them could change privilege or mode (`role`,
 /// `default_transaction_read_only`, `options=-c …`, `replication`). Only these pass.
-const FORWARDED_PARAMS: &[&str] =
-    &["application_name", "client_encoding", "datestyle", "timezone", "extra_float_digits", "intervalstyle"];
+const FORWARDED_PARAMS: &[&str] = &[
+    "application_name",
+    "client_encoding",
+    "datestyle",
+    "timezone",
+    "extra_float_digits",
+    "intervalstyle",
+];
 
 fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<CheckedStartup, PgError> {
     let mut forward = Vec::new();
@@ -329,7 +358,11 @@ fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<Checked
             "user" => user = Some(v.clone()),
             "database" => database = Some(v.clone()),
             "options" if v.trim().is_empty() => {}
-            "replication" if matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "no" | "0") => {}
+            "replication"
+                if matches!(
+                    v.to_ascii_lowercase().as_str(),
+                    "false" | "off" | "no" | "0"
+                ) => {}
             k if k.starts_with("_pq_.") => {} // protocol extensions: negotiated away
             "client_encoding" if !same_bytes_as_utf8(v) => {
                 return Err(PgError::startup_refused(
@@ -341,7 +374,9 @@ fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<Checked
             _ => {
                 return Err(PgError::startup_refused(
                     "42501",
-                    format!("startup parameter `{k}` is not allowed through this proxy (it could change privilege or mode)"),
+                    format!(
+                        "startup parameter `{k}` is not allowed through this proxy (it could change privilege or mode)"
+                    ),
                 ));
             }
         }
@@ -351,12 +386,20 @@ fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<Checked
         (Some(served), Some(asked)) if *served != asked => {
             return Err(PgError::startup_refused(
                 "3D000",
-                format!("database `{asked}` is not reachable through target `{}` (it serves `{served}`)", s.target.name),
+                format!(
+                    "database `{asked}` is not reachable through target `{}` (it serves `{served}`)",
+                    s.target.name
+                ),
             ));
         }
         (Some(served), _) => served.clone(),
         (None, Some(asked)) => asked,
-        (None, None) => return Err(PgError::startup_refused("3D000", "no database named in the startup".into())),
+        (None, None) => {
+            return Err(PgError::startup_refused(
+                "3D000",
+                "no database named in the startup".into(),
+            ));
+        }
     };
     Ok(CheckedStartup { database, forward })
 }
@@ -365,9 +408,17 @@ fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<Checked
 /// then sees the same quotes and backslashes the classifier sees. Not SJIS, BIG5, GBK, GB18030,
 /// UHC or JOHAB, whose multibyte characters can end in `\\` or other ASCII bytes.
 fn same_bytes_as_utf8(encoding: &str) -> bool {
-    let e: String = encoding.chars().filter(char::is_ascii_alphanumeric).collect::<String>().to_ascii_lowercase();
-    matches!(e.as_str(), "utf8" | "unicode" | "sqlascii" | "koi8r" | "koi8u" | "win866" | "win874" | "alt")
-        || ["latin", "iso8859", "win125", "euc"].iter().any(|p| e.starts_with(p))
+    let e: String = encoding
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    matches!(
+        e.as_str(),
+        "utf8" | "unicode" | "sqlascii" | "koi8r" | "koi8u" | "win866" | "win874" | "alt"
+    ) || ["latin", "iso8859", "win125", "euc"]
+        .iter()
+        .any(|p| e.starts_with(p))
 }
 
 async fn send_error(cw: &mut (impl AsyncWrite + Unpin), e: &PgError) -> std::io::Result<()> {
@@ -401,9 +452,14 @@ impl Denials {
             return None;
         }
         let fields = codec::parse_error_fields(frame);
-        let message = fields.iter().find(|(c, _)| *c == b'M').map(|(_, m)| m.as_str())?;
+        let message = fields
+            .iter()
+            .find(|(c, _)| *c == b'M')
+            .map(|(_, m)| m.as_str())?;
         let mut l = self.list.lock().unwrap();
-        let i = l.iter().position(|(marker, _)| message.contains(marker.as_str()))?;
+        let i = l
+            .iter()
+            .position(|(marker, _)| message.contains(marker.as_str()))?;
         let (_, e) = l.remove(i);
         self.any.store(!l.is_empty(), Ordering::Release);
         Some(e)
@@ -424,7 +480,11 @@ enum Judgement {
 
 impl Judge<'_> {
     fn marker(&self) -> String {
-        format!("{}_{}", self.nonce, self.seq.fetch_add(1, Ordering::Relaxed))
+        format!(
+            "{}_{}",
+            self.nonce,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     fn sql(&self, sql: &str, prepared: &mut HashMap<String, Facts>) -> Judgement {
@@ -432,8 +492,15 @@ impl Judge<'_> {
         let c = match &*outcome {
             Ok(c) => c,
             Err(e) => {
-                info!(verdict = "deny", rule = "unparsable", "statement does not parse");
-                return Judgement::Deny(PgError::denied("statements that do not parse are denied", e.to_string()));
+                info!(
+                    verdict = "deny",
+                    rule = "unparsable",
+                    "statement does not parse"
+                );
+                return Judgement::Deny(PgError::denied(
+                    "statements that do not parse are denied",
+                    e.to_string(),
+                ));
             }
         };
         // EXECUTE runs what PREPARE stored: judge those facts too.
@@ -441,7 +508,9 @@ impl Judge<'_> {
         let facts = &*facts;
         let decision = policy::evaluate(
             self.s.policy,
-            &Subject { agent: self.s.agent },
+            &Subject {
+                agent: self.s.agent,
+            },
             &Action::Sql {
                 target: &self.s.target.name,
                 facts,
@@ -455,7 +524,10 @@ impl Judge<'_> {
             }
             Verdict::Hold => {
                 info!(rule = %decision.rule, classes = ?facts.classes, "statement needs approval; refused");
-                let rule = format!("{}: requires a human's approval, which this version cannot take", decision.rule);
+                let rule = format!(
+                    "{}: requires a human's approval, which this version cannot take",
+                    decision.rule
+                );
                 Judgement::Deny(PgError::denied(&rule, describe(facts)))
             }
             Verdict::Deny(_) => {
@@ -471,11 +543,18 @@ fn describe(f: &Facts) -> String {
     let classes: Vec<&str> = f.effective_classes().iter().map(|c| c.as_str()).collect();
     let mut d = format!("classes: {}", classes.join(", "));
     if !f.objects.is_empty() {
-        let objs: Vec<String> = f.objects.iter().map(|o| format!("{} ({})", o.name, o.access.as_str())).collect();
+        let objs: Vec<String> = f
+            .objects
+            .iter()
+            .map(|o| format!("{} ({})", o.name, o.access.as_str()))
+            .collect();
         d.push_str(&format!("; objects: {}", objs.join(", ")));
     }
     if !f.functions.is_empty() {
-        d.push_str(&format!("; functions: {}", f.functions.iter().cloned().collect::<Vec<_>>().join(", ")));
+        d.push_str(&format!(
+            "; functions: {}",
+            f.functions.iter().cloned().collect::<Vec<_>>().join(", ")
+        ));
     }
     for n in &f.notes {
         d.push_str(&format!("; {n}"));
@@ -506,7 +585,11 @@ async fn client_to_server(
             b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'X' => None,
             other => {
                 return Err(CodecError::Malformed {
-                    what: if other.is_ascii_graphic() { "message: unknown frontend message type" } else { "message type" },
+                    what: if other.is_ascii_graphic() {
+                        "message: unknown frontend message type"
+                    } else {
+                        "message type"
+                    },
                 }
                 .into());
             }
@@ -583,7 +666,11 @@ fn rewrite_denials(mut chunk: BytesMut, denials: &Denials) -> BytesMut {
 
 impl Denials {
     fn take_for_if_error(&self, frame: &Frame) -> Option<PgError> {
-        if frame.tag == b'E' { self.take_for(frame) } else { None }
+        if frame.tag == b'E' {
+            self.take_for(frame)
+        } else {
+            None
+        }
     }
 }
 
@@ -631,7 +718,10 @@ mod tests {
             policy: &policy,
             shared: &shared,
         };
-        let params: Vec<(String, String)> = params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let params: Vec<(String, String)> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         check_startup(&s, &params)
     }
 
@@ -646,26 +736,76 @@ mod tests {
             ("search_path", "evil"),
             ("session_authorization", "postgres"),
         ] {
-            let e = check(Some("app"), &[("user", "x"), bad]).err().unwrap_or_else(|| panic!("{bad:?} passed"));
+            let e = check(Some("app"), &[("user", "x"), bad])
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} passed"));
             assert!(e.fatal && e.code == "42501", "{bad:?}: {e:?}");
         }
-        for enc in ["SJIS", "big5", "GBK", "gb18030", "UHC", "johab", "Shift_JIS_2004"] {
-            let e = check(Some("app"), &[("database", "app"), ("client_encoding", enc)]).err();
+        for enc in [
+            "SJIS",
+            "big5",
+            "GBK",
+            "gb18030",
+            "UHC",
+            "johab",
+            "Shift_JIS_2004",
+        ] {
+            let e = check(
+                Some("app"),
+                &[("database", "app"), ("client_encoding", enc)],
+            )
+            .err();
             assert_eq!(e.map(|e| e.code), Some("22023"), "{enc}");
         }
         for enc in ["UTF8", "utf-8", "SQL_ASCII", "LATIN1", "EUC_JP", "WIN1252"] {
-            assert!(check(Some("app"), &[("database", "app"), ("client_encoding", enc)]).is_ok(), "{enc}");
+            assert!(
+                check(
+                    Some("app"),
+                    &[("database", "app"), ("client_encoding", enc)]
+                )
+                .is_ok(),
+                "{enc}"
+            );
         }
-        let ok = check(Some("app"), &[("user", "x"), ("database", "app"), ("application_name", "psql"), ("options", ""), ("replication", "false")]).unwrap();
+        let ok = check(
+            Some("app"),
+            &[
+                ("user", "x"),
+                ("database", "app"),
+                ("application_name", "psql"),
+                ("options", ""),
+                ("replication", "false"),
+            ],
+        )
+        .unwrap();
         assert_eq!(ok.database, "app");
-        assert_eq!(ok.forward, [("application_name".to_string(), "psql".to_string())]);
+        assert_eq!(
+            ok.forward,
+            [("application_name".to_string(), "psql".to_string())]
+        );
     }
 
     #[test]
     fn database_must_be_the_one_the_target_serves() {
-        assert_eq!(check(Some("app"), &[("user", "app")]).unwrap().database, "app");
-        assert_eq!(check(Some("app"), &[("user", "x")]).err().map(|e| e.code), Some("3D000"));
-        assert_eq!(check(Some("app"), &[("database", "other")]).err().map(|e| e.code), Some("3D000"));
-        assert_eq!(check(None, &[("user", "u"), ("database", "d")]).unwrap().database, "d");
+        assert_eq!(
+            check(Some("app"), &[("user", "app")]).unwrap().database,
+            "app"
+        );
+        assert_eq!(
+            check(Some("app"), &[("user", "x")]).err().map(|e| e.code),
+            Some("3D000")
+        );
+        assert_eq!(
+            check(Some("app"), &[("database", "other")])
+                .err()
+                .map(|e| e.code),
+            Some("3D000")
+        );
+        assert_eq!(
+            check(None, &[("user", "u"), ("database", "d")])
+                .unwrap()
+                .database,
+            "d"
+        );
     }
 }

@@ -5,25 +5,28 @@
 use super::BoxStream;
 use crate::secrets::Credential;
 use bytes::BytesMut;
-use rustls::pki_types::ServerName;
-use std::os::fd::{AsRawFd, RawFd};
-use tokio_rustls::TlsConnector;
 use postgres_protocol::{
     authentication::{md5_hash, sasl},
     message::{backend::Message, frontend},
 };
+use rustls::pki_types::ServerName;
+use std::os::fd::{AsRawFd, RawFd};
 use std::{net::SocketAddr, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
+use tokio_rustls::TlsConnector;
 
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("connecting to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("login to {addr} took longer than {LOGIN_TIMEOUT:?}")]
     Timeout { addr: SocketAddr },
     #[error("upstream connection: {0}")]
@@ -37,7 +40,10 @@ pub enum UpstreamError {
     #[error("the server does not offer TLS, which the target requires")]
     NoTls,
     #[error("TLS handshake with {addr}: {source}")]
-    Tls { addr: SocketAddr, source: std::io::Error },
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// TLS to use for the login: the connector and the name to verify.
@@ -56,6 +62,8 @@ pub struct Upstream {
     pub backend_key: Option<(i32, i32)>,
 }
 
+/// Log in to `addr` as `cred` (optionally over TLS), asking for `database` and the session
+/// parameters in `extra`, within a time limit.
 pub async fn login(
     addr: SocketAddr,
     tls: UpstreamTls<'_>,
@@ -63,123 +71,132 @@ pub async fn login(
     database: &str,
     extra: &[(String, String)],
 ) -> Result<Upstream, UpstreamError> {
-    tokio::time::timeout(LOGIN_TIMEOUT, login_inner(addr, tls, cred, database, extra))
-        .await
-        .map_err(|_| UpstreamError::Timeout { addr })?
-}
-
-async fn login_inner(
-    addr: SocketAddr,
-    tls: UpstreamTls<'_>,
-    cred: &Credential,
-    database: &str,
-    extra: &[(String, String)],
-) -> Result<Upstream, UpstreamError> {
-    let mut tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|source| UpstreamError::Connect { addr, source })?;
-    tcp.set_nodelay(true)?;
-    let fd = tcp.as_raw_fd();
-    let mut stream: BoxStream = match tls {
-        None => Box::new(tcp),
-        Some((connector, name)) => {
-            tcp.write_all(&SSL_REQUEST).await?;
-            let mut answer = [0u8; 1];
-            tcp.read_exact(&mut answer).await?;
-            if answer[0] != b'S' {
-                // Fail closed: never fall back to cleartext for a target that requires TLS.
-                return Err(UpstreamError::NoTls);
-            }
-            let tls = connector
-                .connect(name, tcp)
-                .await
-                .map_err(|source| UpstreamError::Tls { addr, source })?;
-            Box::new(tls)
-        }
-    };
-    let mut out = BytesMut::new();
-    let mut params: Vec<(&str, &str)> = vec![("user", &cred.user), ("database", database)];
-    params.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    frontend::startup_message(params.iter().copied(), &mut out)?;
-    stream.write_all(&out).await?;
-
-    let mut buf = BytesMut::with_capacity(8192);
-    let mut scram: Option<sasl::ScramSha256> = None;
-    let mut parameters = Vec::new();
-    let mut backend_key = None;
-    loop {
-        let msg = loop {
-            if let Some(m) = Message::parse(&mut buf)? {
-                break m;
-            }
-            if stream.read_buf(&mut buf).await? == 0 {
-                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    let attempt = async move {
+        let mut tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        tcp.set_nodelay(true)?;
+        let fd = tcp.as_raw_fd();
+        let mut stream: BoxStream = match tls {
+            None => Box::new(tcp),
+            Some((connector, name)) => {
+                tcp.write_all(&SSL_REQUEST).await?;
+                let mut answer = [0u8; 1];
+                tcp.read_exact(&mut answer).await?;
+                if answer[0] != b'S' {
+                    // Fail closed: never fall back to cleartext for a target that requires TLS.
+                    return Err(UpstreamError::NoTls);
+                }
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|source| UpstreamError::Tls { addr, source })?;
+                Box::new(tls)
             }
         };
-        out.clear();
-        match msg {
-            Message::AuthenticationOk => {}
-            Message::AuthenticationCleartextPassword => frontend::password_message(cred.password.as_bytes(), &mut out)?,
-            Message::AuthenticationMd5Password(body) => {
-                let hash = md5_hash(cred.user.as_bytes(), cred.password.as_bytes(), body.salt());
-                frontend::password_message(hash.as_bytes(), &mut out)?;
-            }
-            Message::AuthenticationSasl(body) => {
-                let mut mechanisms = body.mechanisms();
-                let mut found = false;
-                while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms)? {
-                    found |= m == sasl::SCRAM_SHA_256;
+        let mut out = BytesMut::new();
+        let mut params: Vec<(&str, &str)> = vec![("user", &cred.user), ("database", database)];
+        params.extend(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        frontend::startup_message(params.iter().copied(), &mut out)?;
+        stream.write_all(&out).await?;
+
+        let mut buf = BytesMut::with_capacity(8192);
+        let mut scram: Option<sasl::ScramSha256> = None;
+        let mut parameters = Vec::new();
+        let mut backend_key = None;
+        loop {
+            let msg = loop {
+                if let Some(m) = Message::parse(&mut buf)? {
+                    break m;
                 }
-                if !found {
-                    return Err(UpstreamError::Unsupported("SASL without SCRAM-SHA-256"));
+                if stream.read_buf(&mut buf).await? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                 }
-                let s = sasl::ScramSha256::new(cred.password.as_bytes(), sasl::ChannelBinding::unsupported());
-                frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)?;
-                scram = Some(s);
-            }
-            Message::AuthenticationSaslContinue(body) => {
-                let s = scram.as_mut().ok_or(UpstreamError::Unexpected)?;
-                s.update(body.data())?;
-                frontend::sasl_response(s.message(), &mut out)?;
-            }
-            Message::AuthenticationSaslFinal(body) => {
-                // Verifies the server's signature: a server that does not know the password
-                // cannot pass itself off as the target.
-                scram.as_mut().ok_or(UpstreamError::Unexpected)?.finish(body.data())?;
-            }
-            Message::AuthenticationGss | Message::AuthenticationSspi | Message::AuthenticationKerberosV5 => {
-                return Err(UpstreamError::Unsupported("GSS/SSPI/Kerberos"));
-            }
-            Message::ParameterStatus(body) => parameters.push((body.name()?.to_owned(), body.value()?.to_owned())),
-            Message::BackendKeyData(body) => backend_key = Some((body.process_id(), body.secret_key())),
-            Message::NoticeResponse(_) => {}
-            Message::ErrorResponse(body) => {
-                let (mut code, mut message) = (String::new(), String::new());
-                let mut fields = body.fields();
-                while let Some(f) = fallible_iterator::FallibleIterator::next(&mut fields)? {
-                    match f.type_() {
-                        b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
-                        b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
-                        _ => {}
+            };
+            out.clear();
+            match msg {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(cred.password.as_bytes(), &mut out)?
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash =
+                        md5_hash(cred.user.as_bytes(), cred.password.as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut found = false;
+                    while let Some(m) = fallible_iterator::FallibleIterator::next(&mut mechanisms)?
+                    {
+                        found |= m == sasl::SCRAM_SHA_256;
                     }
+                    if !found {
+                        return Err(UpstreamError::Unsupported("SASL without SCRAM-SHA-256"));
+                    }
+                    let s = sasl::ScramSha256::new(
+                        cred.password.as_bytes(),
+                        sasl::ChannelBinding::unsupported(),
+                    );
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut out)?;
+                    scram = Some(s);
                 }
-                return Err(UpstreamError::Refused { code, message });
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or(UpstreamError::Unexpected)?;
+                    s.update(body.data())?;
+                    frontend::sasl_response(s.message(), &mut out)?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    // Verifies the server's signature: a server that does not know the password
+                    // cannot pass itself off as the target.
+                    scram
+                        .as_mut()
+                        .ok_or(UpstreamError::Unexpected)?
+                        .finish(body.data())?;
+                }
+                Message::AuthenticationGss
+                | Message::AuthenticationSspi
+                | Message::AuthenticationKerberosV5 => {
+                    return Err(UpstreamError::Unsupported("GSS/SSPI/Kerberos"));
+                }
+                Message::ParameterStatus(body) => {
+                    parameters.push((body.name()?.to_owned(), body.value()?.to_owned()))
+                }
+                Message::BackendKeyData(body) => {
+                    backend_key = Some((body.process_id(), body.secret_key()))
+                }
+                Message::NoticeResponse(_) => {}
+                Message::ErrorResponse(body) => {
+                    let (mut code, mut message) = (String::new(), String::new());
+                    let mut fields = body.fields();
+                    while let Some(f) = fallible_iterator::FallibleIterator::next(&mut fields)? {
+                        match f.type_() {
+                            b'C' => code = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                            b'M' => message = String::from_utf8_lossy(f.value_bytes()).into_owned(),
+                            _ => {}
+                        }
+                    }
+                    return Err(UpstreamError::Refused { code, message });
+                }
+                Message::ReadyForQuery(_) => {
+                    return Ok(Upstream {
+                        stream,
+                        fd,
+                        leftover: buf,
+                        parameters,
+                        backend_key,
+                    });
+                }
+                _ => return Err(UpstreamError::Unexpected),
             }
-            Message::ReadyForQuery(_) => {
-                return Ok(Upstream {
-                    stream,
-                    fd,
-                    leftover: buf,
-                    parameters,
-                    backend_key,
-                });
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
             }
-            _ => return Err(UpstreamError::Unexpected),
         }
-        if !out.is_empty() {
-            stream.write_all(&out).await?;
-        }
-    }
+    };
+    tokio::time::timeout(LOGIN_TIMEOUT, attempt)
+        .await
+        .map_err(|_| UpstreamError::Timeout { addr })?
 }
 
 /// Forward a cancel request to the server that runs the query.
