@@ -176,6 +176,14 @@ fn demo(keep: bool) -> Result<()> {
             .context("starting python3 -m http.server")?,
     );
 
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect("127.0.0.1:18080").is_err() {
+        if Instant::now() > deadline {
+            bail!("the demo web service did not come up on 127.0.0.1:18080 (port in use?)");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+
     step("chaperone daemon (embedded default config; its log follows)");
     let mut daemon = Guard(chaperone().arg("daemon").spawn()?);
     wait_ready(&bin, None, &mut daemon)?;
