@@ -235,5 +235,8 @@ WITH users AS (SELECT 1) DELETE FROM users
 -- deny
 WITH secret_schema AS (SELECT 1), t AS (SELECT * FROM secret_schema.t) SELECT * FROM t
 -- deny
-SELECT /*t5*/ --'
+SELECT /*t5*/ --
+'
 '; SET default_transaction_read_only = off; SELECT '--'
+-- deny
+SELECT * FROM users TABLESAMPLE system_rows (1)

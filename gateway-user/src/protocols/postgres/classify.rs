@@ -318,6 +318,7 @@ impl Walker {
         };
         match kind {
             "FuncCall" => self.func_call(obj, ctx),
+            "RangeTableSample" => self.table_sample(obj, ctx),
             "SelectStmt" => self.select(obj, ctx),
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => self.dml(obj, ctx),
             k if k.ends_with("Stmt") => self.utility(k, obj, ctx),
@@ -793,6 +794,22 @@ impl Walker {
                 format!("PL/pgSQL expression `{query}`: {e}")
             }),
         }
+    }
+
+    /// `TABLESAMPLE method(…)`: SYSTEM and BERNOULLI are built in; any other method is an
+    /// extension's handler function, judged like a function call.
+    fn table_sample(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        let method: Vec<&str> = obj
+            .get("method")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.pointer("/node/String/sval")?.as_str())
+            .collect();
+        if !matches!(method.as_slice(), ["system"] | ["bernoulli"]) {
+            self.out.facts.functions.insert(method.join("."));
+        }
+        self.object(obj, ctx);
     }
 
     fn range_var(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
@@ -1389,6 +1406,17 @@ mod tests {
             classes("SELECT count(*) OVER (PARTITION BY lower(x)) FROM t"),
             [Read]
         );
+        assert!(
+            classify("SELECT * FROM t TABLESAMPLE SYSTEM (1)")
+                .unwrap()
+                .facts
+                .functions
+                .is_empty()
+        );
+        let f = classify("SELECT * FROM t TABLESAMPLE system_rows (1)")
+            .unwrap()
+            .facts;
+        assert_eq!(f.functions.into_iter().collect::<Vec<_>>(), ["system_rows"]);
         let f = classify("SELECT public.evil(1)").unwrap().facts;
         assert_eq!(f.functions.into_iter().collect::<Vec<_>>(), ["public.evil"]);
     }
