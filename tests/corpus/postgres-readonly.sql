@@ -240,3 +240,17 @@ SELECT /*t5*/ --
 '; SET default_transaction_read_only = off; SELECT '--'
 -- deny
 SELECT * FROM users TABLESAMPLE system_rows (1)
+-- deny
+SELECT (1.5::float8).pg_sleep
+-- deny
+SELECT (pid).pg_terminate_backend FROM pg_stat_activity WHERE pid <> pg_backend_pid()
+-- deny
+SELECT ('SELECT to_tsvector(set_config(''default_transaction_read_only'',''off'',false))').ts_stat
+-- deny
+SELECT (7::bigint).pg_try_advisory_lock
+-- deny
+SELECT json_scalar(1)
+-- deny
+COPY users TO '' (FORMAT csv, NULL stdout)
+-- allow
+SELECT u.email, u.id FROM users u WHERE u.id = 1

@@ -225,17 +225,27 @@ fn classify_with(sql: &str, opts: ParserOptions) -> Result<Classified, ClassifyE
 /// Offsets of the STDIN/STDOUT keywords, by PostgreSQL's own scanner: the parse tree gives
 /// `COPY t TO STDOUT` and `COPY t TO ''` (a server file) the same empty filename.
 fn stdio_tokens(sql: &str) -> Vec<usize> {
-    const STDIN: i32 = pg_query::protobuf::Token::Stdin as i32;
-    const STDOUT: i32 = pg_query::protobuf::Token::Stdout as i32;
+    use pg_query::protobuf::Token;
+    let (stdin, stdout, to, from) = (
+        Token::Stdin as i32,
+        Token::Stdout as i32,
+        Token::To as i32,
+        Token::From as i32,
+    );
     if !sql.to_ascii_lowercase().contains("copy") {
         return Vec::new();
     }
+    // Only as the copy's source or destination (right after TO/FROM), not as an option value
+    // such as `NULL stdout`.
     pg_query::scan(sql)
         .map(|r| {
             r.tokens
-                .iter()
-                .filter(|t| t.token == STDIN || t.token == STDOUT)
-                .map(|t| t.start.max(0) as usize)
+                .windows(2)
+                .filter(|w| {
+                    (w[0].token == to || w[0].token == from)
+                        && (w[1].token == stdin || w[1].token == stdout)
+                })
+                .map(|w| w[1].start.max(0) as usize)
                 .collect()
         })
         .unwrap_or_default()
@@ -318,6 +328,27 @@ impl Walker {
         };
         match kind {
             "FuncCall" => self.func_call(obj, ctx),
+            "ColumnRef" => self.column_ref(obj, ctx),
+            "AIndirection" => self.indirection(obj, ctx),
+            // SQL/JSON and MERGE syntax the PG 18 grammar parses as special nodes; on servers
+            // that predate them they are ordinary calls, found on the search path.
+            "JsonParseExpr"
+            | "JsonScalarExpr"
+            | "JsonSerializeExpr"
+            | "JsonFuncExpr"
+            | "JsonObjectConstructor"
+            | "JsonArrayConstructor"
+            | "JsonArrayQueryConstructor"
+            | "JsonObjectAgg"
+            | "JsonArrayAgg"
+            | "JsonTable"
+            | "MergeSupportFunc" => {
+                self.out
+                    .facts
+                    .functions
+                    .insert(format!("sql/json or merge syntax ({kind})"));
+                self.object(obj, ctx)
+            }
             "RangeTableSample" => self.table_sample(obj, ctx),
             "SelectStmt" => self.select(obj, ctx),
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => self.dml(obj, ctx),
@@ -796,6 +827,47 @@ impl Walker {
         }
     }
 
+    /// `a.b` (and `a.b.c`): PostgreSQL reads `x.f` as `f(x)` when `f` is not a column of `x`
+    /// (attribute notation), so a field name may be a call. Without the catalog, names of
+    /// built-in functions that have side effects or run SQL count as calls; columns that share
+    /// such a name are refused with them, the safe side.
+    fn column_ref(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        let names: Vec<&str> = obj
+            .get("fields")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.pointer("/node/String/sval")?.as_str())
+            .collect();
+        if names.len() >= 2 {
+            self.attribute_call(names[names.len() - 1]);
+        }
+        self.object(obj, ctx);
+    }
+
+    /// `(expr).f`, `(expr)[i].f`: every field name may be a call (see [`Self::column_ref`]).
+    fn indirection(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
+        for i in obj
+            .get("indirection")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(name) = i.pointer("/node/String/sval").and_then(Value::as_str) {
+                self.attribute_call(name);
+            }
+        }
+        self.object(obj, ctx);
+    }
+
+    fn attribute_call(&mut self, name: &str) {
+        if ATTRIBUTE_CALL_FUNCTIONS.binary_search(&name).is_ok()
+            && SAFE_FUNCTIONS.binary_search(&name).is_err()
+        {
+            self.out.facts.functions.insert(name.to_owned());
+        }
+    }
+
     /// `TABLESAMPLE method(…)`: SYSTEM and BERNOULLI are built in; any other method is an
     /// extension's handler function, judged like a function call.
     fn table_sample(&mut self, obj: &Map<String, Value>, ctx: Ctx<'_>) {
@@ -1004,6 +1076,19 @@ const SAFE_SETTINGS: &[&str] = &[
     "statement_timeout",
     "timezone",
 ];
+
+/// pg_catalog functions that have side effects (volatile) or run SQL given as text, from
+/// PostgreSQL 15's pg_proc (see the file's origin in its commit): a field name matching one may
+/// be an attribute-notation call.
+static ATTRIBUTE_CALL_FUNCTIONS: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| {
+        let mut v: Vec<&str> = include_str!("attribute_call_functions.txt")
+            .lines()
+            .filter(|l| !l.is_empty())
+            .collect();
+        v.sort_unstable();
+        v
+    });
 
 /// Built-in functions that only compute: no writes, no side effects, no file or network access,
 /// no dynamic SQL. Sorted (binary search). Anything else is `exec`.
