@@ -188,39 +188,34 @@ fn demo(keep: bool) -> Result<()> {
     let mut daemon = Guard(chaperone().arg("daemon").spawn()?);
     wait_ready(&bin, None, &mut daemon)?;
 
+    // An unmodified curl as the agent; its exit status is part of the show, not an error.
+    let agent_curl = |args: &[&str]| -> Result<()> {
+        let _ = chaperone()
+            .args([
+                "run",
+                "--as",
+                "demo-agent",
+                "--user",
+                "nobody",
+                "--",
+                "curl",
+                "-sS",
+            ])
+            .args(args)
+            .status()?;
+        thread::sleep(Duration::from_millis(200));
+        Ok(())
+    };
+
     step("agent: chaperone run --as demo-agent -- curl http://127.0.0.1:18080/  (target: allowed)");
-    let _ = chaperone()
-        .args([
-            "run",
-            "--as",
-            "demo-agent",
-            "--user",
-            "nobody",
-            "--",
-            "curl",
-            "-sS",
-            "-w",
-            "curl saw peer %{remote_ip}:%{remote_port}\n",
-            "http://127.0.0.1:18080/",
-        ])
-        .status()?;
-    thread::sleep(Duration::from_millis(200));
+    agent_curl(&[
+        "-w",
+        "curl saw peer %{remote_ip}:%{remote_port}\n",
+        "http://127.0.0.1:18080/",
+    ])?;
 
     step("agent: curl http://127.0.0.1:18081/  (no target names it; unlisted: deny)");
-    let _ = chaperone()
-        .args([
-            "run",
-            "--as",
-            "demo-agent",
-            "--user",
-            "nobody",
-            "--",
-            "curl",
-            "-sS",
-            "http://127.0.0.1:18081/",
-        ])
-        .status()?;
-    thread::sleep(Duration::from_millis(200));
+    agent_curl(&["http://127.0.0.1:18081/"])?;
 
     step("chaperone sessions");
     run(chaperone().arg("sessions"))?;
@@ -236,19 +231,7 @@ fn demo(keep: bool) -> Result<()> {
     step("fail closed: daemon stopped, the agent's connection is refused");
     sigterm(daemon.0.id());
     daemon.0.wait()?;
-    let _ = chaperone()
-        .args([
-            "run",
-            "--as",
-            "demo-agent",
-            "--user",
-            "nobody",
-            "--",
-            "curl",
-            "-sS",
-            "http://127.0.0.1:18080/",
-        ])
-        .status()?;
+    agent_curl(&["http://127.0.0.1:18080/"])?;
     run(chaperone().arg("status"))?;
 
     step("chaperone daemon --uninstall");
