@@ -36,6 +36,12 @@ fn env_with(opts: impl FnOnce(&Postgres) -> DaemonOptions) -> Env {
     Env { pg, d }
 }
 
+/// An environment around a server the test prepared first.
+fn env_with_pg(pg: Postgres) -> Env {
+    let d = TestDaemon::start(pg.daemon_options());
+    Env { pg, d }
+}
+
 impl Env {
     /// A libpq connection string to the server, as the agent knows it: no password, any user.
     /// In the clear (the TLS tests ask for TLS themselves): with libpq's default `prefer`, a
@@ -917,5 +923,37 @@ fn client_encodings_that_change_how_bytes_parse_are_refused() {
         e.psql_ok(&["-c", "SELECT 1"]).trim(),
         "1",
         "UTF8 clients work"
+    );
+}
+
+/// `(x).f` is `f(x)` in PostgreSQL. For the target's own functions (an extension's, an
+/// application's), which no built-in list knows, the daemon reads the catalog at login.
+#[test]
+fn attribute_notation_calls_to_the_targets_own_functions_are_judged() {
+    if skip_unless_root("attribute_notation_calls_to_the_targets_own_functions_are_judged") {
+        return;
+    }
+    let pg = Postgres::start();
+    pg.psql_super(
+        "app",
+        "CREATE FUNCTION public.touch(int) RETURNS int LANGUAGE sql AS 'SELECT $1 + 1'",
+    );
+    let e = env_with_pg(pg);
+    for sql in [
+        "SELECT (1).touch",
+        "SELECT touch(1)",
+        "SELECT t.touch FROM (SELECT 1) AS t(x)",
+    ] {
+        let o = e.psql("", &["-v", "VERBOSITY=verbose", "-c", sql]);
+        assert!(
+            stderr(&o).contains(DENIED) && stderr(&o).contains("functions: touch"),
+            "{sql}: {}",
+            show(&o)
+        );
+    }
+    assert_eq!(
+        e.psql_ok(&["-c", "SELECT u.email FROM users u WHERE u.id = 1"])
+            .trim(),
+        "ada@example.com"
     );
 }

@@ -94,6 +94,11 @@ pub struct Facts {
     /// the `exec` class, which covers any function); for messages and deny rules they count as
     /// `exec`.
     pub functions: BTreeSet<String>,
+    /// Field names (`a.f`, `(x).f`) that PostgreSQL would call as `f(x)` if no column `f`
+    /// exists. The built-ins among them are already in `functions`; the session checks the rest
+    /// against the target's own functions (extensions, applications), which only it knows.
+    #[serde(skip)]
+    pub attribute_names: BTreeSet<String>,
     /// Why something is `unknown` or `admin`, for the error message and the record.
     pub notes: Vec<String>,
 }
@@ -103,6 +108,8 @@ impl Facts {
         self.classes.extend(other.classes.iter().copied());
         self.objects.extend(other.objects.iter().cloned());
         self.functions.extend(other.functions.iter().cloned());
+        self.attribute_names
+            .extend(other.attribute_names.iter().cloned());
         self.notes.extend(other.notes.iter().cloned());
     }
 
@@ -861,10 +868,13 @@ impl Walker {
     }
 
     fn attribute_call(&mut self, name: &str) {
-        if ATTRIBUTE_CALL_FUNCTIONS.binary_search(&name).is_ok()
-            && SAFE_FUNCTIONS.binary_search(&name).is_err()
-        {
+        if SAFE_FUNCTIONS.binary_search(&name).is_ok() {
+            return;
+        }
+        if ATTRIBUTE_CALL_FUNCTIONS.binary_search(&name).is_ok() {
             self.out.facts.functions.insert(name.to_owned());
+        } else {
+            self.out.facts.attribute_names.insert(name.to_owned());
         }
     }
 

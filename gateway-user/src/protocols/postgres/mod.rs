@@ -92,9 +92,53 @@ pub struct Shared {
     pub tls_connectors: HashMap<String, TlsConnector>,
     /// Proxy-issued cancel key → the upstream backend that key stands for.
     cancels: Mutex<HashMap<(i32, i32), (SocketAddr, i32, i32)>>,
+    /// Per target: names of its functions outside pg_catalog and information_schema, read at
+    /// login and kept for [`CATALOG_TTL`].
+    user_functions: Mutex<
+        HashMap<
+            String,
+            (
+                std::time::Instant,
+                std::sync::Arc<std::collections::HashSet<String>>,
+            ),
+        >,
+    >,
 }
 
+/// How long a target's function names are trusted before a login reads them again.
+const CATALOG_TTL: Duration = Duration::from_secs(30);
+
+/// Functions an agent could call by attribute notation that the built-in list cannot know.
+const USER_FUNCTIONS_SQL: &str = "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p \
+     JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+     WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
+
 impl Shared {
+    /// The target's function names outside pg_catalog/information_schema, read over this
+    /// freshly logged-in upstream session when the cached copy is older than [`CATALOG_TTL`].
+    async fn user_functions(
+        &self,
+        target: &str,
+        up: &mut upstream::Upstream,
+    ) -> Result<std::sync::Arc<std::collections::HashSet<String>>, upstream::UpstreamError> {
+        if let Some((at, names)) = self.user_functions.lock().unwrap().get(target) {
+            if at.elapsed() < CATALOG_TTL {
+                return Ok(names.clone());
+            }
+        }
+        let names: std::sync::Arc<std::collections::HashSet<String>> = std::sync::Arc::new(
+            upstream::query_column(up, USER_FUNCTIONS_SQL)
+                .await?
+                .into_iter()
+                .collect(),
+        );
+        self.user_functions.lock().unwrap().insert(
+            target.to_owned(),
+            (std::time::Instant::now(), names.clone()),
+        );
+        Ok(names)
+    }
+
     pub fn new(
         secrets: Secrets,
         tls_acceptor: Option<TlsAcceptor>,
@@ -198,7 +242,12 @@ pub async fn serve(
                 .map_err(|e| PgSessionError::TlsName(s.target.name.clone(), e))?,
         )),
     };
-    let up = match upstream::login(s.upstream, tls, cred, &checked.database, &extra).await {
+    let login = async {
+        let mut up = upstream::login(s.upstream, tls, cred, &checked.database, &extra).await?;
+        let functions = s.shared.user_functions(&s.target.name, &mut up).await?;
+        Ok::<_, upstream::UpstreamError>((up, functions))
+    };
+    let (up, user_functions) = match login.await {
         Ok(u) => u,
         Err(source) => {
             send_error(&mut cw, &PgError::upstream_unavailable(&s.target.name)).await?;
@@ -253,6 +302,7 @@ pub async fn serve(
     };
     let judge = Judge {
         s,
+        user_functions,
         nonce: format!("chaperone_denied_{:08x}{:08x}", random_i32(), random_i32()),
         seq: AtomicU64::new(0),
     };
@@ -469,6 +519,8 @@ impl Denials {
 /// Classifies and judges statements for one session.
 struct Judge<'a> {
     s: &'a Session<'a>,
+    /// The target's own function names (see [`Shared::user_functions`]).
+    user_functions: std::sync::Arc<std::collections::HashSet<String>>,
     nonce: String,
     seq: AtomicU64,
 }
@@ -504,7 +556,17 @@ impl Judge<'_> {
             }
         };
         // EXECUTE runs what PREPARE stored: judge those facts too.
-        let facts = c.facts_with(prepared);
+        let mut facts = c.facts_with(prepared);
+        // `x.f` is a call when the target has a function `f` (an extension's, an application's).
+        let calls: Vec<&String> = facts
+            .attribute_names
+            .iter()
+            .filter(|n| self.user_functions.contains(*n))
+            .collect();
+        if !calls.is_empty() {
+            let calls: Vec<String> = calls.into_iter().cloned().collect();
+            facts.to_mut().functions.extend(calls);
+        }
         let facts = &*facts;
         let decision = policy::evaluate(
             self.s.policy,

@@ -199,6 +199,42 @@ pub async fn login(
         .map_err(|_| UpstreamError::Timeout { addr })?
 }
 
+/// Run one query on a logged-in upstream before the agent's traffic starts, and return the
+/// first column of every row as text.
+pub async fn query_column(up: &mut Upstream, sql: &str) -> Result<Vec<String>, UpstreamError> {
+    let mut out = BytesMut::new();
+    frontend::query(sql, &mut out)?;
+    up.stream.write_all(&out).await?;
+    let mut names = Vec::new();
+    let mut failed = None;
+    loop {
+        let msg = loop {
+            if let Some(m) = Message::parse(&mut up.leftover)? {
+                break m;
+            }
+            if up.stream.read_buf(&mut up.leftover).await? == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        };
+        match msg {
+            Message::DataRow(row) => {
+                let mut ranges = row.ranges();
+                if let Some(Some(r)) = fallible_iterator::FallibleIterator::next(&mut ranges)? {
+                    names.push(String::from_utf8_lossy(&row.buffer()[r]).into_owned());
+                }
+            }
+            Message::ErrorResponse(_) => {
+                failed = Some(UpstreamError::Refused {
+                    code: String::new(),
+                    message: format!("catalog query failed: {sql}"),
+                })
+            }
+            Message::ReadyForQuery(_) => return failed.map_or(Ok(names), Err),
+            _ => {}
+        }
+    }
+}
+
 /// Forward a cancel request to the server that runs the query.
 pub async fn cancel(addr: SocketAddr, pid: i32, key: i32) -> std::io::Result<()> {
     let mut stream = tokio::time::timeout(LOGIN_TIMEOUT, TcpStream::connect(addr))
