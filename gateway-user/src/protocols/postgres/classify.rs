@@ -1016,17 +1016,7 @@ fn variable_set_class(obj: &Map<String, Value>) -> SqlClass {
         // RESET ALL resets default_transaction_read_only too.
         "" => SqlClass::Admin,
         "transaction" | "session characteristics" => {
-            let read_write = obj
-                .get("args")
-                .and_then(Value::as_array)
-                .is_some_and(|args| {
-                    args.iter().any(|a| {
-                        a.pointer("/node/DefElem/defname").and_then(Value::as_str)
-                            == Some("transaction_read_only")
-                            && def_elem_is_false(a.pointer("/node/DefElem/arg"))
-                    })
-                });
-            if read_write {
+            if sets_read_write(obj.get("args")) {
                 SqlClass::Admin
             } else {
                 SqlClass::Transaction
@@ -1035,6 +1025,17 @@ fn variable_set_class(obj: &Map<String, Value>) -> SqlClass {
         n if SAFE_SETTINGS.contains(&n) => SqlClass::Session,
         _ => SqlClass::Admin,
     }
+}
+
+/// Whether a list of transaction-mode options (`BEGIN …`, `SET TRANSACTION …`) says READ WRITE.
+fn sets_read_write(options: Option<&Value>) -> bool {
+    options.and_then(Value::as_array).is_some_and(|opts| {
+        opts.iter().any(|o| {
+            o.pointer("/node/DefElem/defname").and_then(Value::as_str)
+                == Some("transaction_read_only")
+                && def_elem_is_false(o.pointer("/node/DefElem/arg"))
+        })
+    })
 }
 
 fn transaction_class(obj: &Map<String, Value>) -> SqlClass {
@@ -1049,18 +1050,8 @@ fn transaction_class(obj: &Map<String, Value>) -> SqlClass {
             .get("gid")
             .and_then(Value::as_str)
             .is_some_and(|g| !g.is_empty());
-    let read_write = obj
-        .get("options")
-        .and_then(Value::as_array)
-        .is_some_and(|opts| {
-            opts.iter().any(|o| {
-                o.pointer("/node/DefElem/defname").and_then(Value::as_str)
-                    == Some("transaction_read_only")
-                    && def_elem_is_false(o.pointer("/node/DefElem/arg"))
-            })
-        });
     // PREPARE TRANSACTION / COMMIT PREPARED outlive the session; READ WRITE lifts read-only.
-    if gid || read_write {
+    if gid || sets_read_write(obj.get("options")) {
         SqlClass::Admin
     } else {
         SqlClass::Transaction

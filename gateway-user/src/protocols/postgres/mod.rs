@@ -496,9 +496,9 @@ impl Denials {
         self.any.store(true, Ordering::Release);
     }
 
-    /// If this ErrorResponse answers a stand-in, the refusal to send instead.
+    /// If this frame is the ErrorResponse to a stand-in, the refusal to send instead.
     fn take_for(&self, frame: &Frame) -> Option<PgError> {
-        if !self.any.load(Ordering::Acquire) {
+        if frame.tag != b'E' || !self.any.load(Ordering::Acquire) {
             return None;
         }
         let fields = codec::parse_error_fields(frame);
@@ -558,13 +558,13 @@ impl Judge<'_> {
         // EXECUTE runs what PREPARE stored: judge those facts too.
         let mut facts = c.facts_with(prepared);
         // `x.f` is a call when the target has a function `f` (an extension's, an application's).
-        let calls: Vec<&String> = facts
+        let calls: Vec<String> = facts
             .attribute_names
             .iter()
             .filter(|n| self.user_functions.contains(*n))
+            .cloned()
             .collect();
         if !calls.is_empty() {
-            let calls: Vec<String> = calls.into_iter().cloned().collect();
             facts.to_mut().functions.extend(calls);
         }
         let facts = &*facts;
@@ -718,22 +718,12 @@ fn rewrite_denials(mut chunk: BytesMut, denials: &Denials) -> BytesMut {
     let mut out = BytesMut::with_capacity(chunk.len());
     let mut codec = FrameCodec::default();
     while let Ok(Some(frame)) = codec.decode(&mut chunk) {
-        match (frame.tag, denials.take_for_if_error(&frame)) {
-            (b'E', Some(e)) => e.encode(&mut out),
-            _ => out.extend_from_slice(&frame.raw),
+        match denials.take_for(&frame) {
+            Some(e) => e.encode(&mut out),
+            None => out.extend_from_slice(&frame.raw),
         }
     }
     out
-}
-
-impl Denials {
-    fn take_for_if_error(&self, frame: &Frame) -> Option<PgError> {
-        if frame.tag == b'E' {
-            self.take_for(frame)
-        } else {
-            None
-        }
-    }
 }
 
 fn random_i32() -> i32 {
