@@ -38,6 +38,10 @@ pub enum AppError {
     Secrets(#[from] crate::secrets::SecretsError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    #[error(transparent)]
+    Oidc(#[from] crate::identity::oidc::OidcError),
     #[error("binding the proxy listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -66,6 +70,8 @@ pub struct Inputs {
     pub pg: crate::protocols::postgres::Shared,
     pub redirect: Redirect,
     pub agents: AgentResolver,
+    /// Verifies agents' ID tokens (when the configuration has an `oidc` section).
+    pub oidc: Option<crate::identity::oidc::Verifier>,
     pub sink: Arc<dyn RecordSink>,
     pub ids: SessionIds,
 }
@@ -98,6 +104,12 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         port: port.port(),
     };
     let redirect = Redirect::install(&config.pin_dir, tree.root(), proxy, &config.dns_resolvers())?;
+    let control = crate::control::bind(&config.pin_dir)?;
+    let oidc = config
+        .oidc
+        .clone()
+        .map(crate::identity::oidc::Verifier::new)
+        .transpose()?;
     let sink: Arc<dyn RecordSink> = Arc::new(JsonlSink::open(&config.sessions_log())?);
     let secrets = match &config.secrets_file {
         Some(path) => crate::secrets::Secrets::load(path)?,
@@ -137,13 +149,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         "chaperone daemon ready"
     );
     let inputs = Arc::new(Inputs {
-        policy: Policy {
-            unlisted: config.unlisted,
-            grants: config.grants.clone(),
-        },
+        policy: Policy::from_config(&config),
         pg: crate::protocols::postgres::Shared::new(secrets, Some(tls_acceptor), tls_connectors),
         redirect,
         agents: AgentResolver::new(tree),
+        oidc,
         sink,
         ids: SessionIds::default(),
         config,
@@ -159,7 +169,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
             tracker.clone(),
         ));
     }
+    let control = tokio::spawn(crate::control::serve(control, inputs.clone()));
+    let reaper = tokio::spawn(reap_agent_cgroups(inputs.clone()));
     wait_for_shutdown_signal().await;
+    control.abort();
+    reaper.abort();
     info!("shutting down: no new connections; draining live sessions");
     stop.cancel();
     tracker.close();
@@ -171,6 +185,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
     }
     // The pins stay: with no listener, agents' connections are refused until a daemon returns.
     let _ = std::fs::remove_file(inputs.config.status_file());
+    let _ = std::fs::remove_file(crate::control::socket_path(&inputs.config.pin_dir));
     Ok(())
 }
 
@@ -220,30 +235,15 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, AppError> {
     socket.listen(BACKLOG).map_err(bind_err)
 }
 
-/// Directory of the per-installation daemon locks.
-const LOCK_DIR: &str = "/run/chaperone";
-
 /// One daemon per installation: a second one would adopt the same links and point them at its
 /// own port. The lock is an flock, so a crashed daemon never leaves it stale.
 pub fn lock_pin_dir(config: &Config) -> Result<std::fs::File, AppError> {
-    let name: String = config
-        .pin_dir
-        .to_string_lossy()
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let path = PathBuf::from(LOCK_DIR).join(format!("{name}.lock"));
+    let path = crate::control::run_file(&config.pin_dir, "lock");
     let err = |source| AppError::Lock {
         path: path.clone(),
         source,
     };
-    std::fs::create_dir_all(LOCK_DIR).map_err(err)?;
+    std::fs::create_dir_all(crate::control::RUN_DIR).map_err(err)?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -340,9 +340,7 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
     let target = inputs.config.target_for(original.addr).cloned();
     let decision = policy::evaluate(
         &inputs.policy,
-        &Subject {
-            agent: agent.as_ref(),
-        },
+        &Subject::now(agent.as_ref()),
         &Action::Connect {
             dst: original.addr,
             target: target.as_deref(),
@@ -357,6 +355,13 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
     );
     let upstream_addr = SocketAddr::new(canonical_ip(original.addr.ip()), original.addr.port());
     let agent_ref = agent.clone();
+    let refusal = match &decision.verdict {
+        Verdict::Allow => None,
+        Verdict::Deny(r) => Some(r.clone()),
+        Verdict::Hold => Some(policy::Refusal {
+            rule: decision.rule.clone(),
+        }),
+    };
     let info = SessionInfo {
         id,
         agent,
@@ -373,9 +378,6 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
     };
     async move {
         let mut rec = SessionRecorder::start(inputs.sink.clone(), info);
-        if decision.verdict != Verdict::Allow {
-            return refuse(client);
-        }
         let session = protocols::Session {
             kind,
             target: target.as_deref(),
@@ -383,6 +385,7 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
             agent: agent_ref.as_ref(),
             policy: &inputs.policy,
             pg: &inputs.pg,
+            refusal: refusal.as_ref(),
         };
         if let Err(e) = protocols::serve(&session, client, &mut rec).await {
             warn!(error = %e, "session ended with an error");
@@ -391,6 +394,19 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
     }
     .instrument(span)
     .await
+}
+
+/// How often cgroups of agents that have exited are removed.
+const REAP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Remove the cgroups of agents that have exited: the daemon created them, and an unprivileged
+/// `chaperone run` cannot.
+async fn reap_agent_cgroups(inputs: Arc<Inputs>) {
+    loop {
+        tokio::time::sleep(REAP_INTERVAL).await;
+        let tree = inputs.agents.tree().clone();
+        let _ = tokio::task::spawn_blocking(move || tree.reap()).await;
+    }
 }
 
 /// Each redirected connection holds two fds; the default soft limit (1024) would cap the daemon

@@ -194,6 +194,10 @@ pub struct Config {
     /// itself one for localhost at start.
     #[serde(default)]
     pub client_tls: Option<ClientTls>,
+    /// The OIDC issuer agents prove their identity with (see `identity::oidc`). Absent: only
+    /// root may start agents, by name.
+    #[serde(default)]
+    pub oidc: Option<crate::identity::oidc::OidcConfig>,
     /// Where this configuration came from, for messages.
     #[serde(skip)]
     pub source: String,
@@ -303,6 +307,9 @@ impl Config {
                 )));
             }
         }
+        if let Some(o) = &self.oidc {
+            o.validate().map_err(invalid)?;
+        }
         if self.agent_cgroup.as_os_str().is_empty()
             || self.agent_cgroup.is_absolute()
             || self
@@ -327,13 +334,13 @@ impl Config {
                 self.pin_dir.display()
             )));
         }
-        if let Some(r) = &self.dns.resolvers {
-            if r.len() > gateway_common::MAX_DNS_RESOLVERS as usize {
-                return Err(invalid(format!(
-                    "dns.resolvers: at most {} resolvers",
-                    gateway_common::MAX_DNS_RESOLVERS
-                )));
-            }
+        if let Some(r) = &self.dns.resolvers
+            && r.len() > gateway_common::MAX_DNS_RESOLVERS as usize
+        {
+            return Err(invalid(format!(
+                "dns.resolvers: at most {} resolvers",
+                gateway_common::MAX_DNS_RESOLVERS
+            )));
         }
         Ok(())
     }

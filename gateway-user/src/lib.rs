@@ -4,7 +4,8 @@
 //! An eBPF program ([`redirect`]) rewrites each TCP connect from the agent cgroup tree to the
 //! proxy ([`app`]); the proxy finds the original destination, the agent ([`identity`]) and the
 //! target, asks [`policy`] for a verdict, carries the bytes ([`protocols`]) and writes the session
-//! ([`record`]). See docs/ARCHITECTURE.md for the data path.
+//! ([`record`]). [`control`] binds agents to identities for `chaperone run`. See
+//! docs/ARCHITECTURE.md for the data path.
 //!
 //! ```no_run
 //! let cfg = chaperone::config::Config::load(None)?;
@@ -15,6 +16,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod identity;
 pub mod mounts;
 pub mod policy;

@@ -13,7 +13,7 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
-    process::{Child, Command, Output},
+    process::{Child, Command, Output, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -182,10 +182,9 @@ impl TestDaemon {
                 .get("daemon")
                 .and_then(|d| d.get("pid"))
                 .cloned()
+                && p.as_u64() == Some(u64::from(pid))
             {
-                if p.as_u64() == Some(u64::from(pid)) {
-                    return;
-                }
+                return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
@@ -228,6 +227,39 @@ impl TestDaemon {
             .args(args)
             .output()
             .expect("spawning chaperone run")
+    }
+
+    /// Start `args` as nobody directly inside a fresh cgroup of the agent tree (no binding),
+    /// stdin and stdout piped: as root can, without `chaperone run` or a daemon.
+    pub fn spawn_in_tree(&self, args: &[&str]) -> Child {
+        let cg = self.tree().join(format!("manual-{}", unique()));
+        std::fs::create_dir_all(&cg).unwrap();
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$0/cgroup.procs" && exec setpriv --reuid=nobody --regid=nogroup --clear-groups "$@""#)
+            .arg(&cg)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning an agent in the tree")
+    }
+
+    /// The agent tree's root cgroup directory.
+    pub fn tree(&self) -> PathBuf {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let mount = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 2 && f[2] == "cgroup2")
+            .map(|f| PathBuf::from(f[1]))
+            .expect("a cgroup2 mount");
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let rel = config
+            .lines()
+            .find_map(|l| l.strip_prefix("agent_cgroup: "))
+            .expect("agent_cgroup in the test config");
+        mount.join(rel.trim())
     }
 
     /// `chaperone status --json`.
@@ -385,6 +417,12 @@ pub struct PeerNetns {
     pub name: String,
     pub host_ip: std::net::Ipv4Addr,
     pub peer_ip: std::net::Ipv4Addr,
+}
+
+impl Default for PeerNetns {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl PeerNetns {

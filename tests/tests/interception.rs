@@ -11,34 +11,40 @@ use std::{io::Read, net::TcpStream, time::Duration};
 /// and prints one JSON line with what it saw (pid, peer per connection, or the error).
 const PY_CONNECT: &str = r#"
 import json, os, socket, sys
-out = {"pid": os.getpid(), "conns": []}
-args = sys.argv[1:]
-for host, port in zip(args[::2], args[1::2]):
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.settimeout(10)
-    r = {"host": host, "port": int(port)}
-    try:
-        s.connect((host, int(port)))
-        p = s.getpeername()
-        r["peer"] = [p[0], p[1]]
-        msg = ("ping %s %s" % (host, port)).encode()
-        s.sendall(msg)
-        got = b""
-        while len(got) < len(msg):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            got += chunk
-        r["echo_ok"] = got == msg
-        r["sent"] = len(msg)
-    except OSError as e:
-        r["error"] = type(e).__name__
-        r["errno"] = e.errno
-    finally:
-        s.close()
-    out["conns"].append(r)
-print(json.dumps(out))
+def probe(args):
+    out = {"pid": os.getpid(), "conns": []}
+    for host, port in zip(args[::2], args[1::2]):
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(10)
+        r = {"host": host, "port": int(port)}
+        try:
+            s.connect((host, int(port)))
+            p = s.getpeername()
+            r["peer"] = [p[0], p[1]]
+            msg = ("ping %s %s" % (host, port)).encode()
+            s.sendall(msg)
+            got = b""
+            while len(got) < len(msg):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            r["echo_ok"] = got == msg
+            r["sent"] = len(msg)
+        except OSError as e:
+            r["error"] = type(e).__name__
+            r["errno"] = e.errno
+        finally:
+            s.close()
+        out["conns"].append(r)
+    return out
+if sys.argv[1:2] == ["--loop"]:
+    # One probe per line of stdin ("host port host port ..."), one JSON line back each.
+    for line in sys.stdin:
+        print(json.dumps(probe(line.split())), flush=True)
+else:
+    print(json.dumps(probe(sys.argv[1:])))
 "#;
 
 fn targets(list: &[(&str, &EchoServer)]) -> Vec<(String, String, u16)> {
@@ -55,6 +61,38 @@ fn py_connect(d: &TestDaemon, agent: &str, dests: &[(&str, u16)]) -> Value {
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     last_json(&assert_ok(&d.run_agent(agent, &args), "python agent"))
+}
+
+/// A python agent that stays up (placed in the tree directly, as root can): probes on request,
+/// so the same process can be watched across a daemon crash and restart.
+struct LongAgent {
+    child: std::process::Child,
+    lines: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LongAgent {
+    fn start(d: &TestDaemon) -> Self {
+        let mut child = d.spawn_in_tree(&["/usr/bin/python3", "-u", "-c", PY_CONNECT, "--loop"]);
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap());
+        Self { child, lines }
+    }
+
+    fn probe(&mut self, dests: &[(&str, u16)]) -> Value {
+        use std::io::{BufRead, Write};
+        let line: Vec<String> = dests.iter().map(|(h, p)| format!("{h} {p}")).collect();
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{}", line.join(" ")).unwrap();
+        let mut answer = String::new();
+        self.lines.read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    }
+}
+
+impl Drop for LongAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn session_to<'a>(sessions: &'a [Value], dst: &str) -> &'a Value {
@@ -284,8 +322,9 @@ fn fail_closed_when_the_daemon_is_down_and_recovers_after_restart() {
         ..Default::default()
     });
     let port = echo.addr.port();
+    let mut agent = LongAgent::start(&d);
     assert_eq!(
-        py_connect(&d, "t", &[("127.0.0.1", port)])["conns"][0]["echo_ok"],
+        agent.probe(&[("127.0.0.1", port)])["conns"][0]["echo_ok"],
         true
     );
 
@@ -296,13 +335,20 @@ fn fail_closed_when_the_daemon_is_down_and_recovers_after_restart() {
         "pins outlive the daemon: {status}"
     );
     assert_eq!(status["daemon"], Value::Null, "{status}");
-    let out = py_connect(&d, "t", &[("127.0.0.1", port), ("::1", port)]);
+    let out = agent.probe(&[("127.0.0.1", port), ("::1", port)]);
     for c in out["conns"].as_array().unwrap() {
         assert_eq!(
             c["error"], "ConnectionRefusedError",
             "daemon down must refuse: {out}"
         );
     }
+    // No new agent starts while the daemon is down: `run` needs it to bind the agent.
+    let out = d.run_agent("t", &["true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Is `chaperone daemon` running"),
+        "{out:?}"
+    );
     assert_eq!(
         echo.accepted(),
         1,
@@ -321,13 +367,18 @@ fn fail_closed_when_the_daemon_is_down_and_recovers_after_restart() {
         "{second:?}"
     );
     assert_eq!(
+        agent.probe(&[("127.0.0.1", port)])["conns"][0]["echo_ok"],
+        true,
+        "the same agent is served again"
+    );
+    assert_eq!(
         py_connect(&d, "t", &[("127.0.0.1", port)])["conns"][0]["echo_ok"],
         true
     );
-    assert_eq!(echo.accepted(), 2);
+    assert_eq!(echo.accepted(), 3);
 
     d.stop(); // a clean stop leaves agents refused too
-    let out = py_connect(&d, "t", &[("127.0.0.1", port)]);
+    let out = agent.probe(&[("127.0.0.1", port)]);
     assert_eq!(out["conns"][0]["error"], "ConnectionRefusedError", "{out}");
 }
 
@@ -512,7 +563,7 @@ fn uninstall_removes_interception_and_run_then_refuses() {
     let out = d.run_agent("t", &["true"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Refusing to run an agent unintercepted"),
+        String::from_utf8_lossy(&out.stderr).contains("Is `chaperone daemon` running"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -647,7 +698,7 @@ fn pins_attached_to_another_tree_are_refused_by_daemon_and_run() {
         .unwrap();
     assert_eq!(run.status.code(), Some(2));
     assert!(
-        stderr(&run).contains("Refusing to run an agent unintercepted"),
+        stderr(&run).contains("Is `chaperone daemon` running"),
         "{}",
         stderr(&run)
     );

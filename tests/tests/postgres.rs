@@ -739,13 +739,13 @@ fn corpus() -> Vec<(usize, bool, String)> {
             "-- allow" => cases.push((i + 1, true, String::new())),
             "-- deny" => cases.push((i + 1, false, String::new())),
             l => {
-                if let Some((_, _, sql)) = cases.last_mut() {
-                    if !l.trim().is_empty() {
-                        if !sql.is_empty() {
-                            sql.push('\n');
-                        }
-                        sql.push_str(l);
+                if let Some((_, _, sql)) = cases.last_mut()
+                    && !l.trim().is_empty()
+                {
+                    if !sql.is_empty() {
+                        sql.push('\n');
                     }
+                    sql.push_str(l);
                 }
             }
         }

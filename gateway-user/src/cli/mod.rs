@@ -83,9 +83,14 @@ pub struct DaemonArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The identity the agent runs as.
-    #[arg(long = "as", value_name = "NAME", default_value = "agent")]
-    pub as_name: String,
+    /// The identity the agent runs as. With a token: the token's verified email or subject
+    /// (this may only repeat one of them). Without one (root only): NAME, default `agent`.
+    #[arg(long = "as", value_name = "NAME")]
+    pub as_name: Option<String>,
+    /// A file holding the OIDC ID token that proves the agent's identity (else the
+    /// CHAPERONE_ID_TOKEN environment variable, which the agent does not inherit).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// The Unix user the agent runs as (name or uid). Default: the user who invoked sudo.
     /// Agents must be unprivileged: root could leave its cgroup or detach the programs.
     #[arg(long, value_name = "USER")]
@@ -105,7 +110,8 @@ pub struct RunArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct SessionsArgs {
-    /// Include `start` events, not only ended sessions.
+    /// Include `start` events and audit events (agents bound, binds refused, grants expired),
+    /// not only ended sessions.
     #[arg(long)]
     pub all: bool,
 }
@@ -253,6 +259,14 @@ fn sessions(config: &Config, args: &SessionsArgs, json: bool) -> anyhow::Result<
                     bytes_down,
                     ..
                 } => (session, "end", bytes_up.to_string(), bytes_down.to_string()),
+                SessionEvent::Audit { at_ms, audit } => {
+                    println!(
+                        "{:<16}  audit   {}",
+                        at_ms,
+                        serde_json::to_string(audit).expect("serializable")
+                    );
+                    continue;
+                }
             };
             let verdict = match s.verdict {
                 crate::record::RecordedVerdict::Allow => "",
@@ -300,7 +314,7 @@ mod tests {
         .unwrap();
         match cli.command {
             Command::Run(a) => {
-                assert_eq!(a.as_name, "bob");
+                assert_eq!(a.as_name.as_deref(), Some("bob"));
                 assert_eq!(a.command, ["curl", "-s", "--json", "x"]);
             }
             c => panic!("{c:?}"),

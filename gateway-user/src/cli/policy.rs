@@ -33,14 +33,8 @@ pub fn check(config: &Config, args: &PolicyCheckArgs, json: bool) -> anyhow::Res
             target.name
         );
     }
-    let policy = Policy {
-        unlisted: config.unlisted,
-        grants: config.grants.clone(),
-    };
-    let agent = AgentId {
-        name: Some(args.identity.clone()),
-        cgroup: String::new(),
-    };
+    let policy = Policy::from_config(config);
+    let agent = AgentId::named(&args.identity);
     let report = match classify(&args.sql) {
         Err(e) => CheckReport {
             verdict: "deny",
@@ -52,9 +46,7 @@ pub fn check(config: &Config, args: &PolicyCheckArgs, json: bool) -> anyhow::Res
             let facts = c.facts_with(&HashMap::new()).into_owned();
             let d = policy::evaluate(
                 &policy,
-                &Subject {
-                    agent: Some(&agent),
-                },
+                &Subject::now(Some(&agent)),
                 &Action::Sql {
                     target: &target.name,
                     facts: &facts,

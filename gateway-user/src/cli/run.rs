@@ -1,21 +1,31 @@
 //! `chaperone run`: start an unmodified command as an agent.
 //!
-//! Between fork and exec the child joins a fresh cgroup of the agent tree, marks every
-//! inherited descriptor close-on-exec (a socket opened outside the tree would not be
-//! intercepted), drops to an unprivileged user and sets no-new-privileges; so its very first
-//! instruction already runs intercepted, and it cannot climb back out. Before that, the kernel
-//! is asked whether the programs are really in effect on the new cgroup: an agent never runs
-//! unwatched.
+//! The child is forked first and waits, before exec, on a pipe. Over the control socket the
+//! daemon is asked to bind it: the daemon checks the caller (SO_PEERCRED), verifies the ID token
+//! if one is given, creates the agent's cgroup, labels it with the identity, asks the kernel
+//! whether the programs are in effect there, and moves the child in. Only then is the child told
+//! to go on: it marks every inherited descriptor close-on-exec (a socket opened outside the tree
+//! would not be intercepted), drops to an unprivileged user and sets no-new-privileges, and
+//! execs; so its very first instruction already runs intercepted, and it cannot climb back out.
+//! This process itself stays outside the tree and only waits.
 
 use super::RunArgs;
-use crate::{config::Config, identity::AgentTree, redirect};
+use crate::{
+    config::Config,
+    control::{self, Request, Response},
+    identity::AgentTree,
+};
 use anyhow::{Context as _, bail};
 use std::{
     ffi::CString,
-    os::unix::{ffi::OsStrExt, process::CommandExt, process::ExitStatusExt},
+    os::unix::process::CommandExt,
     process::Command,
     sync::atomic::{AtomicI32, Ordering},
 };
+
+/// Where `chaperone run` looks for an ID token when `--token-file` is not given. It is removed
+/// from the agent's environment: the agent has no use for its own proof of identity.
+pub const TOKEN_ENV: &str = "CHAPERONE_ID_TOKEN";
 
 /// Who the agent runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,18 +40,10 @@ struct Account {
 
 pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
     let account = resolve_account(args)?;
-    let tree = AgentTree::locate(&config.agent_cgroup)?;
-    let cgroup = tree.new_agent_cgroup(&args.as_name)?;
-    if let Err(e) = redirect::verify_attached(&config.pin_dir, cgroup.path()) {
-        cgroup.remove_if_empty();
-        bail!(
-            "{e}. Is `chaperone daemon` installed for this configuration? Refusing to run an agent unintercepted"
-        );
-    }
-    let procs = CString::new(cgroup.procs_file().as_os_str().as_bytes())?;
+    let token = read_token(args)?;
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut cmd = Command::new(program);
-    cmd.args(rest);
+    cmd.args(rest).env_remove(TOKEN_ENV);
     if let Some(a) = &account {
         if let Some(name) = &a.name {
             cmd.env("USER", name).env("LOGNAME", name);
@@ -52,37 +54,146 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
         };
     }
     let account = account.map(|a| (a.uid, a.gid));
-    // SAFETY: the closure only makes async-signal-safe calls (open, write, close, syscall,
-    // setgroups/setgid/setuid, prctl, signal).
+    let (go_read, go_write) = pipe()?;
+    // Terminal signals go to the whole foreground group; the agent decides, we wait for it.
+    // SAFETY: setting dispositions; restored to default in the child.
     unsafe {
-        cmd.pre_exec(move || {
-            join_cgroup(&procs)?;
-            cloexec_inherited_fds()?;
-            if let Some((uid, gid)) = account {
-                drop_privileges(uid, gid)?;
-            }
-            libc::signal(libc::SIGINT, libc::SIG_DFL);
-            libc::signal(libc::SIGQUIT, libc::SIG_DFL);
-            Ok(())
-        });
-        // Terminal signals go to the whole foreground group; the agent decides, we wait for it.
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            cgroup.remove_if_empty();
-            return Err(e).with_context(|| format!("cannot start `{program}`"));
+    // SAFETY: this process is single-threaded (the CLI starts no threads outside `daemon`), so
+    // the child may run ordinary code until it execs.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("fork: {}", std::io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: closing our copy of the write end, so a dead parent means EOF here.
+        unsafe { libc::close(go_write) };
+        child(go_read, account, &mut cmd, program);
+    }
+    // SAFETY: the parent keeps only the write end.
+    unsafe { libc::close(go_read) };
+    let answer = control::call(
+        &config.pin_dir,
+        &Request::Bind {
+            pid: pid as u32,
+            name: match (&args.as_name, &token) {
+                (None, None) => Some("agent".into()),
+                (name, _) => name.clone(),
+            },
+            token,
+        },
+    );
+    let cgroup = match answer {
+        Ok(Response::Bound { cgroup, .. }) => cgroup,
+        other => {
+            // SAFETY: our own child, still waiting on the pipe; closing it makes it exit.
+            unsafe {
+                libc::close(go_write);
+                libc::kill(pid, libc::SIGKILL);
+            }
+            wait(pid);
+            match other {
+                Ok(Response::Error { message }) => bail!("the daemon refused the agent: {message}"),
+                Err(e) => return Err(e.into()),
+                Ok(Response::Bound { .. }) => unreachable!(),
+            }
         }
     };
-    forward_signals_to(child.id() as i32);
-    let status = child.wait();
-    cgroup.remove_if_empty();
-    let status = status.context("waiting for the agent")?;
-    Ok(status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    // SAFETY: one byte to our child's pipe, then close it.
+    unsafe {
+        libc::write(go_write, [1u8].as_ptr().cast(), 1);
+        libc::close(go_write);
+    }
+    forward_signals_to(pid);
+    let status = wait(pid);
+    // Root can tidy up at once; otherwise the daemon reaps the empty cgroup.
+    if let Ok(tree) = AgentTree::locate(&config.agent_cgroup)
+        && let Some(c) = tree.agent_cgroup(&cgroup)
+    {
+        c.remove_if_empty();
+    }
+    Ok(status)
+}
+
+/// The forked child: wait for the daemon's bind, then become the agent. Never returns.
+fn child(
+    go: libc::c_int,
+    account: Option<(libc::uid_t, libc::gid_t)>,
+    cmd: &mut Command,
+    program: &str,
+) -> ! {
+    let mut byte = 0u8;
+    // SAFETY: reading one byte into a local.
+    let n = unsafe { libc::read(go, (&mut byte as *mut u8).cast(), 1) };
+    if n != 1 || byte != 1 {
+        // The bind was refused (the parent says why) or the parent died: never run unbound.
+        // SAFETY: leaving the forked child without running the parent's destructors.
+        unsafe { libc::_exit(125) };
+    }
+    let setup = (|| {
+        cloexec_inherited_fds()?;
+        if let Some((uid, gid)) = account {
+            drop_privileges(uid, gid)?;
+        }
+        // SAFETY: restoring default dispositions.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGQUIT, libc::SIG_DFL);
+        }
+        Ok::<_, std::io::Error>(())
+    })();
+    let err = match setup {
+        Err(e) => format!("chaperone: cannot become the agent: {e}"),
+        Ok(()) => format!("chaperone: cannot start `{program}`: {}", cmd.exec()),
+    };
+    eprintln!("{err}");
+    // SAFETY: as above.
+    unsafe { libc::_exit(127) }
+}
+
+/// The ID token from `--token-file`, else from the environment.
+fn read_token(args: &RunArgs) -> anyhow::Result<Option<String>> {
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the token file {}", path.display()))?,
+        ),
+        None => std::env::var(TOKEN_ENV).ok(),
+    };
+    Ok(token
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
+}
+
+fn pipe() -> anyhow::Result<(libc::c_int, libc::c_int)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    Ok((fds[0], fds[1]))
+}
+
+/// Wait for `pid` and return its exit code (128 + signal when killed).
+fn wait(pid: libc::pid_t) -> i32 {
+    let mut status = 0;
+    loop {
+        // SAFETY: waiting for our own child.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if rc == pid {
+            break;
+        }
+        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return 2;
+        }
+    }
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    }
 }
 
 /// The account to drop to: `--user`, else the sudo caller; `None` only with `--allow-root` or
@@ -95,19 +206,18 @@ fn resolve_account(args: &RunArgs) -> anyhow::Result<Option<Account>> {
     if unsafe { libc::geteuid() } != 0 || args.allow_root {
         return Ok(None);
     }
-    if let (Ok(uid), Ok(gid)) = (std::env::var("SUDO_UID"), std::env::var("SUDO_GID")) {
-        if let Ok(uid) = uid.parse::<libc::uid_t>() {
-            if uid != 0 {
-                let mut a = lookup_user(&uid.to_string()).unwrap_or(Account {
-                    uid,
-                    gid: 0,
-                    name: None,
-                    home: None,
-                });
-                a.gid = gid.parse().unwrap_or(a.gid);
-                return Ok(Some(a));
-            }
-        }
+    if let (Ok(uid), Ok(gid)) = (std::env::var("SUDO_UID"), std::env::var("SUDO_GID"))
+        && let Ok(uid) = uid.parse::<libc::uid_t>()
+        && uid != 0
+    {
+        let mut a = lookup_user(&uid.to_string()).unwrap_or(Account {
+            uid,
+            gid: 0,
+            name: None,
+            home: None,
+        });
+        a.gid = gid.parse().unwrap_or(a.gid);
+        return Ok(Some(a));
     }
     bail!(
         "refusing to run the agent as root: a root agent can leave its cgroup. \
@@ -148,24 +258,6 @@ fn lookup_user(user: &str) -> anyhow::Result<Account> {
         name,
         home,
     })
-}
-
-/// Move the calling process into the cgroup whose `cgroup.procs` is `procs`.
-fn join_cgroup(procs: &CString) -> std::io::Result<()> {
-    // SAFETY: a NUL-terminated path and a static buffer; only raw syscalls after fork.
-    unsafe {
-        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        if n != 1 {
-            return Err(err);
-        }
-    }
-    Ok(())
 }
 
 /// Mark every descriptor above stderr close-on-exec: sockets created outside the agent tree

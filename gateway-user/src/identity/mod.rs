@@ -1,14 +1,18 @@
 //! Who is on the other end of a redirected socket.
 //!
 //! Owns the agent cgroup tree (found below the cgroup2 mount, never at an assumed path), the
-//! per-run agent cgroups `chaperone run` creates, and the mapping from the cgroup id the kernel
-//! recorded at connect time to an [`AgentId`]. The identity name is bound to the cgroup as the
-//! `trusted.chaperone.agent` extended attribute: only a process with CAP_SYS_ADMIN can set a
-//! `trusted.*` attribute, so an unprivileged agent cannot relabel itself.
+//! per-run agent cgroups the daemon creates for `chaperone run`, and the mapping from the cgroup
+//! id the kernel recorded at connect time to an [`AgentId`]. The [`Binding`] (identity name and,
+//! for OIDC-proven agents, what the verified token said) is stored on the cgroup as the
+//! `trusted.chaperone.agent` extended attribute, as JSON: only a process with CAP_SYS_ADMIN can
+//! set a `trusted.*` attribute, so an unprivileged agent cannot relabel itself, and a restarted
+//! daemon finds every binding where it left it. [`oidc`] verifies ID tokens.
 //!
 //! It must not decide anything: policy gets the [`AgentId`] as plain data.
 
-use serde::Serialize;
+pub mod oidc;
+
+use serde::{Deserialize, Serialize};
 use std::{
     collections::HashMap,
     ffi::CString,
@@ -54,14 +58,52 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> IdentityError + '_ {
     }
 }
 
+/// What a verified OIDC ID token said about an agent, bound to its cgroup for its life.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vouched {
+    /// The issuer that signed the token (who vouched).
+    pub issuer: String,
+    pub subject: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The token's expiry: new connections after it are refused until a fresh token arrives.
+    pub expires_at_ms: u64,
+}
+
+/// What the daemon binds to an agent cgroup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// The identity name grants' `identity:` matches: `--as NAME` for a tokenless (root-started)
+    /// agent, the token's email (else subject) for an OIDC-proven one.
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<Vouched>,
+}
+
 /// An agent as the session record and policy see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentId {
-    /// The identity the agent runs as (`chaperone run --as`); absent when its cgroup carries
-    /// none (a process put into the tree by other means).
+    /// The identity the agent runs as; absent when its cgroup carries no binding (a process put
+    /// into the tree by other means).
     pub name: Option<String>,
     /// The agent's cgroup, relative to the agent tree root.
     pub cgroup: String,
+    /// Subject, email and groups from the verified ID token, if the agent presented one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oidc: Option<Vouched>,
+}
+
+impl AgentId {
+    /// An agent known only by name (tests, offline checks).
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: Some(name.to_string()),
+            cgroup: String::new(),
+            oidc: None,
+        }
+    }
 }
 
 /// The cgroup tree whose processes are agents.
@@ -134,8 +176,14 @@ impl AgentTree {
     }
 
     fn contains_this_process(&self) -> bool {
-        let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") else {
-            return false;
+        self.contains("/proc/self/cgroup")
+    }
+
+    /// Whether the process whose `/proc/…/cgroup` file is `proc_cgroup` runs inside the tree.
+    /// Unreadable (the process is gone): treated as inside, so callers refuse.
+    fn contains(&self, proc_cgroup: &str) -> bool {
+        let Ok(text) = std::fs::read_to_string(proc_cgroup) else {
+            return true;
         };
         let Some(mount) = crate::mounts::mount_points("cgroup2")
             .ok()
@@ -152,36 +200,66 @@ impl AgentTree {
             })
     }
 
-    /// A fresh cgroup for one `chaperone run`, labelled with the identity `name`.
-    pub fn new_agent_cgroup(&self, name: &str) -> Result<AgentCgroup, IdentityError> {
-        validate_name(name)?;
+    /// A fresh cgroup for one agent (`label` names it, e.g. the agent's pid), bound to
+    /// `binding`.
+    pub fn new_agent_cgroup(
+        &self,
+        binding: &Binding,
+        label: u32,
+    ) -> Result<AgentCgroup, IdentityError> {
+        validate_name(&binding.name)?;
         self.ensure()?;
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
             .unwrap_or(0);
-        let path = self
-            .root
-            .join(format!("run-{}-{nonce:08x}", std::process::id()));
+        let path = self.root.join(format!("run-{label}-{nonce:08x}"));
         std::fs::create_dir(&path).map_err(io_err(&path))?;
-        set_xattr(&path, IDENTITY_XATTR, name.as_bytes()).map_err(io_err(&path))?;
-        Ok(AgentCgroup { path })
+        let cgroup = AgentCgroup { path };
+        if let Err(e) = cgroup.bind(binding) {
+            cgroup.remove_if_empty();
+            return Err(e);
+        }
+        Ok(cgroup)
+    }
+
+    /// The agent cgroup at `relative` (as [`AgentId::cgroup`] names it), if it exists.
+    pub fn agent_cgroup(&self, relative: &str) -> Option<AgentCgroup> {
+        let path = self.root.join(relative);
+        (!relative.is_empty()
+            && Path::new(relative)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+            && path.is_dir())
+        .then_some(AgentCgroup { path })
+    }
+
+    /// Whether `pid` runs anywhere inside the tree.
+    pub fn contains_pid(&self, pid: u32) -> bool {
+        self.contains(&format!("/proc/{pid}/cgroup"))
     }
 
     /// Find the agent whose cgroup has id `cgroup_id` (the cgroup directory's inode number).
     pub fn find(&self, cgroup_id: u64) -> Option<AgentId> {
         let dir = find_by_inode(&self.root, cgroup_id)?;
-        let name = dir
+        let binding = dir
             .ancestors()
             .take_while(|p| p.starts_with(&self.root))
             .find_map(|p| get_xattr(p, IDENTITY_XATTR))
-            .map(|v| String::from_utf8_lossy(&v).into_owned());
+            .map(|v| {
+                // A label that is not JSON is a bare name (bindings before OIDC).
+                serde_json::from_slice::<Binding>(&v).unwrap_or_else(|_| Binding {
+                    name: String::from_utf8_lossy(&v).into_owned(),
+                    oidc: None,
+                })
+            });
         let cgroup = dir
             .strip_prefix(&self.root)
             .unwrap_or(&dir)
             .display()
             .to_string();
-        Some(AgentId { name, cgroup })
+        let (name, oidc) = binding.map_or((None, None), |b| (Some(b.name), b.oidc));
+        Some(AgentId { name, cgroup, oidc })
     }
 
     /// Remove every cgroup of the tree that has no processes left, leaves first. Returns the
@@ -196,6 +274,22 @@ impl AgentTree {
     }
 }
 
+impl AgentTree {
+    /// Remove the agent cgroups below the root that have no processes left (the root stays:
+    /// the programs are attached to it).
+    pub fn reap(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        let mut busy = Vec::new();
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path(), &mut busy);
+            }
+        }
+    }
+}
+
 fn remove_tree(dir: &Path, busy: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -205,10 +299,10 @@ fn remove_tree(dir: &Path, busy: &mut Vec<PathBuf>) {
             remove_tree(&e.path(), busy);
         }
     }
-    if let Err(e) = std::fs::remove_dir(dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            busy.push(dir.to_path_buf());
-        }
+    if let Err(e) = std::fs::remove_dir(dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        busy.push(dir.to_path_buf());
     }
 }
 
@@ -249,6 +343,15 @@ impl AgentResolver {
         }
     }
 
+    /// Drop what is remembered of `cgroup_id`: its binding changed.
+    pub fn forget(&self, cgroup_id: u64) {
+        self.cache.lock().unwrap().remove(&cgroup_id);
+    }
+
+    pub fn tree(&self) -> &AgentTree {
+        &self.tree
+    }
+
     pub fn resolve(&self, cgroup_id: u64) -> Option<AgentId> {
         if let Some(hit) = self.cache.lock().unwrap().get(&cgroup_id) {
             return Some(hit.clone());
@@ -270,9 +373,21 @@ impl AgentCgroup {
         &self.path
     }
 
-    /// `cgroup.procs` of this cgroup: writing "0" to it moves the writing process in.
-    pub fn procs_file(&self) -> PathBuf {
-        self.path.join("cgroup.procs")
+    /// Move process `pid` into this cgroup.
+    pub fn adopt(&self, pid: u32) -> Result<(), IdentityError> {
+        let procs = self.path.join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string()).map_err(io_err(&procs))
+    }
+
+    /// (Re)label the cgroup with `binding`, e.g. after a token refresh.
+    pub fn bind(&self, binding: &Binding) -> Result<(), IdentityError> {
+        let json = serde_json::to_vec(binding).expect("a binding serializes");
+        set_xattr(&self.path, IDENTITY_XATTR, &json).map_err(io_err(&self.path))
+    }
+
+    /// The cgroup id the kernel reports for sockets of this cgroup (its inode number).
+    pub fn id(&self) -> Option<u64> {
+        std::fs::metadata(&self.path).ok().map(|m| m.ino())
     }
 
     /// Remove the cgroup if nothing runs in it any more; a daemonized child keeps it (and its
@@ -320,7 +435,9 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
 
 fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let (p, n) = (cstr(path).ok()?, CString::new(name).ok()?);
-    let mut buf = vec![0u8; 256];
+    // SAFETY: a zero-sized query returns the value's length.
+    let size = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+    let mut buf = vec![0u8; usize::try_from(size).ok()?];
     // SAFETY: valid NUL-terminated strings and a buffer of the given length.
     let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     (len >= 0).then(|| {

@@ -3,8 +3,13 @@
 //! ```yaml
 //! grants:
 //!   - name: agent-reads-public        # optional; shown as the rule in decisions
-//!     identity: agent                 # the agent identity (`chaperone run --as`)
+//!     identity: agent                 # who: exactly one of identity (`chaperone run --as`,
+//!                                     # or an OIDC agent's email or subject), subject (the
+//!                                     # token's `sub`) or group (in its groups claim)
 //!     target: app
+//!     expires: 2026-12-31             # optional: stops applying at the end of that day (UTC),
+//!                                     # or at an RFC 3339 instant
+//!     review_by: 2026-12-01           # optional: when an access review is due
 //!     effect: allow                   # allow | deny | review
 //!     sql:
 //!       classes: [read, session, transaction]
@@ -12,8 +17,10 @@
 //!       functions: []                 # non-built-in functions this grant lets run
 //! ```
 
+use crate::identity::AgentId;
 use crate::protocols::postgres::classify::SqlClass;
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, NaiveDate, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeSet;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -25,17 +32,125 @@ pub enum Effect {
     Review,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// Whom a grant is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Who {
+    /// An identity name: `chaperone run --as NAME` without a token, or an OIDC-proven agent
+    /// whose email (else subject) is NAME.
+    Identity(String),
+    /// The `sub` claim of the agent's verified ID token.
+    Subject(String),
+    /// A value of the verified token's groups claim.
+    Group(String),
+}
+
+impl Who {
+    /// Whether `agent` is who this names. Subjects and groups need a verified token: an agent
+    /// started without one has neither.
+    pub fn matches(&self, agent: &AgentId) -> bool {
+        match self {
+            Who::Identity(n) => agent.name.as_deref() == Some(n.as_str()),
+            Who::Subject(s) => agent.oidc.as_ref().is_some_and(|o| &o.subject == s),
+            Who::Group(g) => agent.oidc.as_ref().is_some_and(|o| o.groups.contains(g)),
+        }
+    }
+}
+
+impl std::fmt::Display for Who {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Who::Identity(n) => write!(f, "identity {n}"),
+            Who::Subject(s) => write!(f, "subject {s}"),
+            Who::Group(g) => write!(f, "group {g}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "RawGrant")]
 pub struct Grant {
-    #[serde(default)]
     pub name: Option<String>,
-    /// The agent identity this grant is for.
-    pub identity: String,
+    pub who: Who,
     pub target: String,
     pub effect: Effect,
-    #[serde(default)]
     pub sql: SqlGrant,
+    /// The grant stops applying at this instant.
+    pub expires: Option<DateTime<Utc>>,
+    /// When the grant's next access review is due (reported, not enforced).
+    pub review_by: Option<DateTime<Utc>>,
+}
+
+/// A grant as written; [`Grant`] is what validation makes of it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGrant {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    identity: Option<String>,
+    #[serde(default)]
+    subject: Option<String>,
+    #[serde(default)]
+    group: Option<String>,
+    target: String,
+    effect: Effect,
+    #[serde(default)]
+    sql: SqlGrant,
+    #[serde(default, deserialize_with = "instant")]
+    expires: Option<DateTime<Utc>>,
+    #[serde(default, deserialize_with = "instant")]
+    review_by: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<RawGrant> for Grant {
+    type Error = String;
+
+    fn try_from(r: RawGrant) -> Result<Self, String> {
+        let who = match (r.identity, r.subject, r.group) {
+            (Some(n), None, None) => Who::Identity(n),
+            (None, Some(s), None) => Who::Subject(s),
+            (None, None, Some(g)) => Who::Group(g),
+            _ => {
+                return Err(format!(
+                    "grant{}: give exactly one of `identity`, `subject` or `group`",
+                    r.name.map(|n| format!(" `{n}`")).unwrap_or_default()
+                ));
+            }
+        };
+        Ok(Grant {
+            name: r.name,
+            who,
+            target: r.target,
+            effect: r.effect,
+            sql: r.sql,
+            expires: r.expires,
+            review_by: r.review_by,
+        })
+    }
+}
+
+/// An RFC 3339 instant, or a date meaning the end of that day in UTC (a grant that `expires:
+/// 2026-12-31` still applies on the 31st).
+fn instant<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_instant(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+pub fn parse_instant(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.succ_opt())
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc())
+        .ok_or_else(|| {
+            format!("`{s}` is not a date (YYYY-MM-DD) or an RFC 3339 time (2026-12-31T18:00:00Z)")
+        })
 }
 
 /// The SQL a grant covers. For `allow`/`review`: a statement is covered when every class it has
@@ -60,11 +175,22 @@ impl Grant {
         match &self.name {
             Some(n) => n.clone(),
             None => format!(
-                "grants[{index}] ({:?} {} on {})",
-                self.effect, self.identity, self.target
-            )
-            .to_lowercase(),
+                "grants[{index}] ({} {} on {})",
+                format!("{:?}", self.effect).to_lowercase(),
+                self.who,
+                self.target
+            ),
         }
+    }
+
+    /// Whether the grant is in force at `now` (not expired).
+    pub fn in_force(&self, now: DateTime<Utc>) -> bool {
+        self.expires.is_none_or(|e| now < e)
+    }
+
+    /// Whether this grant applies to `agent` on `target` at `now`.
+    pub fn applies(&self, agent: Option<&AgentId>, target: &str, now: DateTime<Utc>) -> bool {
+        self.target == target && agent.is_some_and(|a| self.who.matches(a)) && self.in_force(now)
     }
 }
 
@@ -90,7 +216,35 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::*;
+
+    #[test]
+    fn who_and_when() {
+        let g: Grant = serde_yaml::from_str(
+            "{group: data, target: t, effect: allow, expires: 2026-12-31, review_by: '2026-12-01T09:00:00+01:00'}",
+        )
+        .unwrap();
+        assert_eq!(g.who, Who::Group("data".into()));
+        assert_eq!(g.expires.unwrap().to_rfc3339(), "2027-01-01T00:00:00+00:00");
+        assert_eq!(
+            g.review_by.unwrap().to_rfc3339(),
+            "2026-12-01T08:00:00+00:00"
+        );
+        assert!(g.in_force(parse_instant("2026-12-31T23:59:59Z").unwrap()));
+        assert!(!g.in_force(parse_instant("2027-01-01T00:00:00Z").unwrap()));
+        for bad in [
+            "{target: t, effect: allow}",
+            "{identity: a, group: g, target: t, effect: allow}",
+        ] {
+            let e = serde_yaml::from_str::<Grant>(bad).unwrap_err().to_string();
+            assert!(e.contains("exactly one of"), "{e}");
+        }
+        let e =
+            serde_yaml::from_str::<Grant>("{identity: a, target: t, effect: allow, expires: soon}")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("`soon` is not a date"), "{e}");
+    }
 
     #[test]
     fn globs() {

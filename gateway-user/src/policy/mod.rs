@@ -7,19 +7,31 @@
 
 mod grant;
 
-pub use grant::{Effect, Grant, SqlGrant, glob_match};
+pub use grant::{Effect, Grant, SqlGrant, Who, glob_match, parse_instant};
 
 use crate::{
     config::{Target, Unlisted},
     identity::AgentId,
     protocols::postgres::classify::{Facts, SqlClass},
 };
+use chrono::{DateTime, Utc};
 use std::net::SocketAddr;
 
-/// Who is asking.
+/// Who is asking, and when (grants expire; policy reads no clock itself).
 #[derive(Debug, Clone, Copy)]
 pub struct Subject<'a> {
     pub agent: Option<&'a AgentId>,
+    pub now: DateTime<Utc>,
+}
+
+impl<'a> Subject<'a> {
+    /// `agent`, asking now.
+    pub fn now(agent: Option<&'a AgentId>) -> Self {
+        Self {
+            agent,
+            now: Utc::now(),
+        }
+    }
 }
 
 /// What is asked for.
@@ -64,17 +76,20 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Whether every statement `identity` may run on `target` is read-only (no grant allows a
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            unlisted: config.unlisted,
+            grants: config.grants.clone(),
+        }
+    }
+
+    /// Whether every statement `subject` may run on `target` is read-only (no grant allows a
     /// class beyond read, session and transaction): the upstream session then also gets
     /// `default_transaction_read_only=on`, defence in depth under the SQL rules.
-    pub fn read_only(&self, identity: Option<&str>, target: &str) -> bool {
+    pub fn read_only(&self, subject: &Subject<'_>, target: &str) -> bool {
         self.grants
             .iter()
-            .filter(|g| {
-                g.effect != Effect::Deny
-                    && g.target == target
-                    && Some(g.identity.as_str()) == identity
-            })
+            .filter(|g| g.effect != Effect::Deny && g.applies(subject.agent, target, subject.now))
             .all(|g| {
                 g.sql.classes.iter().all(|c| {
                     matches!(
@@ -87,6 +102,9 @@ impl Policy {
 }
 
 pub fn evaluate(policy: &Policy, subject: &Subject<'_>, action: &Action<'_>) -> Decision {
+    if let (Action::Connect { .. }, Some(expired)) = (action, expired_token(subject)) {
+        return expired;
+    }
     match action {
         Action::Sql { target, facts } => evaluate_sql(policy, subject, target, facts),
         Action::Connect {
@@ -116,7 +134,7 @@ fn evaluate_sql(policy: &Policy, subject: &Subject<'_>, target: &str, facts: &Fa
         .grants
         .iter()
         .enumerate()
-        .filter(|(_, g)| g.target == target && Some(g.identity.as_str()) == identity);
+        .filter(|(_, g)| g.applies(subject.agent, target, subject.now));
     let (mut review, mut allow) = (None, None);
     for (i, g) in applicable {
         match g.effect {
@@ -153,6 +171,27 @@ fn evaluate_sql(policy: &Policy, subject: &Subject<'_>, target: &str, facts: &Fa
         verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
         rule,
     }
+}
+
+/// A connection from an agent whose ID token has expired: refused, saying so.
+fn expired_token(subject: &Subject<'_>) -> Option<Decision> {
+    let vouched = subject.agent?.oidc.as_ref()?;
+    let now_ms = u64::try_from(subject.now.timestamp_millis()).unwrap_or(0);
+    if now_ms < vouched.expires_at_ms {
+        return None;
+    }
+    let expired = i64::try_from(vouched.expires_at_ms)
+        .ok()
+        .and_then(DateTime::from_timestamp_millis)
+        .map_or_else(|| "?".to_string(), |t| t.to_rfc3339());
+    let rule = format!(
+        "the identity token of {} expired at {expired}; refresh it or start the agent again",
+        vouched.subject
+    );
+    Some(Decision {
+        verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
+        rule,
+    })
 }
 
 /// An allow/review grant covers the facts when it lists every class, every relation matches one
@@ -199,7 +238,7 @@ mod tests {
             tls_server_name: None,
         };
         let dst: SocketAddr = "127.0.0.1:5432".parse().unwrap();
-        let subject = Subject { agent: None };
+        let subject = Subject::now(None);
         let cases = [
             (Unlisted::Deny, Some(&target), Verdict::Allow, "target `db`"),
             (
@@ -242,14 +281,8 @@ mod tests {
             "readonly.yaml",
         )
         .unwrap();
-        let policy = Policy {
-            unlisted: cfg.unlisted,
-            grants: cfg.grants.clone(),
-        };
-        let agent = AgentId {
-            name: Some("agent".into()),
-            cgroup: String::new(),
-        };
+        let policy = Policy::from_config(&cfg);
+        let agent = AgentId::named("agent");
         let cases = corpus(include_str!("../../../tests/corpus/postgres-readonly.sql"));
         assert!(cases.len() >= 60, "the corpus must keep at least 60 cases");
         let mut wrong = Vec::new();
@@ -260,9 +293,7 @@ mod tests {
                     let facts = c.facts_with(&Default::default());
                     let d = evaluate(
                         &policy,
-                        &Subject {
-                            agent: Some(&agent),
-                        },
+                        &Subject::now(Some(&agent)),
                         &Action::Sql {
                             target: "app",
                             facts: &facts,
@@ -319,10 +350,7 @@ mod tests {
             ))
             .unwrap()
         };
-        let agent = AgentId {
-            name: Some("a".into()),
-            cgroup: String::new(),
-        };
+        let agent = AgentId::named("a");
         let verdict = |grants: Vec<Grant>, sql: &str| {
             let c = classify(sql).unwrap();
             let p = Policy {
@@ -331,9 +359,7 @@ mod tests {
             };
             evaluate(
                 &p,
-                &Subject {
-                    agent: Some(&agent),
-                },
+                &Subject::now(Some(&agent)),
                 &Action::Sql {
                     target: "t",
                     facts: &c.facts,
@@ -387,10 +413,7 @@ mod tests {
             ),
             Verdict::Deny(_)
         ));
-        let other = AgentId {
-            name: Some("b".into()),
-            cgroup: String::new(),
-        };
+        let other = AgentId::named("b");
         let p = Policy {
             unlisted: Unlisted::Deny,
             grants: vec![grant("allow", "read")],
@@ -400,9 +423,7 @@ mod tests {
             matches!(
                 evaluate(
                     &p,
-                    &Subject {
-                        agent: Some(&other)
-                    },
+                    &Subject::now(Some(&other)),
                     &Action::Sql {
                         target: "t",
                         facts: &c.facts

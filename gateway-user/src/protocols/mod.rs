@@ -8,7 +8,7 @@ pub mod tcp;
 use crate::{
     config::{ProtocolKind, Target},
     identity::AgentId,
-    policy::Policy,
+    policy::{Policy, Refusal},
     record::SessionRecorder,
 };
 use std::{net::SocketAddr, time::Duration};
@@ -35,6 +35,9 @@ pub struct Session<'a> {
     pub agent: Option<&'a AgentId>,
     pub policy: &'a Policy,
     pub pg: &'a postgres::Shared,
+    /// Policy refused the connection: protocols that can say why do (PostgreSQL answers the
+    /// startup with a FATAL error); the rest reset it.
+    pub refusal: Option<&'a Refusal>,
 }
 
 /// Carry an allowed session until it ends, counting into the recorder.
@@ -51,8 +54,13 @@ pub async fn serve(
                 agent: s.agent,
                 policy: s.policy,
                 shared: s.pg,
+                refusal: s.refusal,
             };
             Ok(postgres::serve(&pg, client, rec).await?)
+        }
+        _ if s.refusal.is_some() => {
+            refuse(&client);
+            Ok(())
         }
         _ => {
             let upstream = dial(s.upstream).await.inspect_err(|_| refuse(&client))?;

@@ -111,6 +111,25 @@ pub enum SessionEvent {
         statements_denied: u64,
         error: Option<String>,
     },
+    /// Something the daemon did or refused outside a session: agents bound, binds refused,
+    /// grants expired.
+    Audit {
+        at_ms: u64,
+        #[serde(flatten)]
+        audit: AuditEvent,
+    },
+}
+
+/// What an audit event is about.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "audit", rename_all = "snake_case")]
+pub enum AuditEvent {
+    /// `chaperone run` (caller `uid`) had process `pid` bound as `agent`.
+    AgentBound { uid: u32, pid: u32, agent: AgentId },
+    /// A bind was refused (bad or expired token, wrong caller, ...).
+    BindRefused { uid: u32, pid: u32, reason: String },
+    /// A grant reached its `expires` time and stopped applying.
+    GrantExpired { grant: String, expires: String },
 }
 
 /// Where session events go. Implementations must not block for long: they run on the data path.
@@ -240,6 +259,7 @@ mod tests {
             agent: Some(AgentId {
                 name: Some("a".into()),
                 cgroup: "run-1".into(),
+                oidc: None,
             }),
             client: "127.0.0.1:40000".parse().unwrap(),
             original_dst: OriginalDst {

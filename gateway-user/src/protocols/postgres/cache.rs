@@ -44,10 +44,10 @@ impl StatementCache {
             Some(hit) => hit,
             None => {
                 let fresh = Arc::new(classify(sql));
-                if shareable(&fresh) {
-                    if let Some(shape) = shape {
-                        insert_bounded(&self.shapes, shape, fresh.clone());
-                    }
+                if shareable(&fresh)
+                    && let Some(shape) = shape
+                {
+                    insert_bounded(&self.shapes, shape, fresh.clone());
                 }
                 fresh
             }

@@ -21,7 +21,7 @@ pub mod upstream;
 
 use crate::{
     identity::AgentId,
-    policy::{self, Action, Policy, Subject, Verdict},
+    policy::{self, Action, Policy, Refusal, Subject, Verdict},
     record::SessionRecorder,
     secrets::Secrets,
 };
@@ -121,10 +121,10 @@ impl Shared {
         target: &str,
         up: &mut upstream::Upstream,
     ) -> Result<std::sync::Arc<std::collections::HashSet<String>>, upstream::UpstreamError> {
-        if let Some((at, names)) = self.user_functions.lock().unwrap().get(target) {
-            if at.elapsed() < CATALOG_TTL {
-                return Ok(names.clone());
-            }
+        if let Some((at, names)) = self.user_functions.lock().unwrap().get(target)
+            && at.elapsed() < CATALOG_TTL
+        {
+            return Ok(names.clone());
         }
         let names: std::sync::Arc<std::collections::HashSet<String>> = std::sync::Arc::new(
             upstream::query_column(up, USER_FUNCTIONS_SQL)
@@ -172,6 +172,8 @@ pub struct Session<'a> {
     pub agent: Option<&'a AgentId>,
     pub policy: &'a Policy,
     pub shared: &'a Shared,
+    /// Policy refused the connection itself: answer the startup with this, then end.
+    pub refusal: Option<&'a Refusal>,
 }
 
 /// What a session's record counts, filled in as the session runs (so it is right after an
@@ -225,12 +227,11 @@ pub async fn serve(
             cred_name.into(),
         ));
     };
-    let identity = s.agent.and_then(|a| a.name.as_deref());
     let mut extra = checked.forward;
     // The classifier resolves unqualified names as pg_catalog, then public: make the server do
     // the same (a schema named after the login role would otherwise come first).
     extra.push(("search_path".into(), "public".into()));
-    if s.policy.read_only(identity, &s.target.name) {
+    if s.policy.read_only(&Subject::now(s.agent), &s.target.name) {
         // Defence in depth: even a statement the classifier got wrong cannot write.
         extra.push(("default_transaction_read_only".into(), "on".into()));
     }
@@ -399,6 +400,12 @@ const FORWARDED_PARAMS: &[&str] = &[
 ];
 
 fn check_startup(s: &Session<'_>, params: &[(String, String)]) -> Result<CheckedStartup, PgError> {
+    if let Some(r) = s.refusal {
+        return Err(PgError::startup_refused(
+            "28000",
+            format!("connection refused by policy: {}", r.rule),
+        ));
+    }
     let mut forward = Vec::new();
     let (mut user, mut database) = (None, None);
     for (k, v) in params {
@@ -570,9 +577,7 @@ impl Judge<'_> {
         let facts = &*facts;
         let decision = policy::evaluate(
             self.s.policy,
-            &Subject {
-                agent: self.s.agent,
-            },
+            &Subject::now(self.s.agent),
             &Action::Sql {
                 target: &self.s.target.name,
                 facts,
@@ -769,6 +774,7 @@ mod tests {
             agent: None,
             policy: &policy,
             shared: &shared,
+            refusal: None,
         };
         let params: Vec<(String, String)> = params
             .iter()
