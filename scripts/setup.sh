@@ -6,7 +6,8 @@
 #   - nightly rust-src (the eBPF crate is built with -Z build-std=core)
 #   - bpf-linker built against LLVM 22 (without LLVM_PREFIX it picks LLVM 14 and fails)
 #   - what the end-to-end tests run: curl, python3 (+ psycopg), PostgreSQL 15 server and clients
-#     (psql, pgbench), iproute2 for test network namespaces
+#     (psql, pgbench), iproute2 for test network namespaces, and a real OpenID Provider
+#     (npm oidc-provider, pinned by tests/oidc/package-lock.json; needs node and npm)
 set -euo pipefail
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -37,5 +38,17 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
     log "cargo install bpf-linker $BPF_LINKER_VERSION (LLVM 22), about 70 s"
     LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --locked --version "$BPF_LINKER_VERSION" \
         --no-default-features --features llvm-22
+fi
+if ! command -v npm >/dev/null; then
+    log "apt-get install nodejs npm"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+OIDC_DIR="$(cd "$(dirname "$0")/../tests/oidc" && pwd)"
+lock_sum="$(sha256sum "$OIDC_DIR/package-lock.json" | cut -d' ' -f1)"
+if [ "$(cat "$OIDC_DIR/node_modules/.chaperone-lock" 2>/dev/null)" != "$lock_sum" ]; then
+    log "npm ci in tests/oidc (oidc-provider)"
+    (cd "$OIDC_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    echo "$lock_sum" >"$OIDC_DIR/node_modules/.chaperone-lock"
 fi
 log "ready"

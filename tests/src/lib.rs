@@ -641,6 +641,17 @@ impl Postgres {
     /// classes read/session/transaction, objects public.*, pg_catalog.* and information_schema.*,
     /// and the non-built-in functions `functions`.
     pub fn daemon_options_with_functions(&self, functions: &[&str]) -> DaemonOptions {
+        self.daemon_options_with_grants(&format!(
+            "  - identity: agent\n    target: app\n    effect: allow\n    sql:\n      \
+             classes: [read, session, transaction]\n      objects: [\"public.*\", \"pg_catalog.*\", \"information_schema.*\"]\n      \
+             functions: [{}]\n",
+            functions.join(", ")
+        ))
+    }
+
+    /// Daemon options for a postgres target `app` on this server (credential `app-ro`, as
+    /// above) with `grants` (YAML list items, indented by two spaces) as the grants.
+    pub fn daemon_options_with_grants(&self, grants: &str) -> DaemonOptions {
         let secrets = self.dir.join(format!("secrets-{}.yaml", unique()));
         {
             use std::os::unix::fs::OpenOptionsExt;
@@ -663,13 +674,7 @@ impl Postgres {
                 "{{name: app, protocol: postgres, address: 127.0.0.1, port: {}, credential: app-ro, database: app}}",
                 self.port
             )],
-            extra_yaml: format!(
-                "secrets_file: {}\ngrants:\n  - identity: agent\n    target: app\n    effect: allow\n    sql:\n      \
-                 classes: [read, session, transaction]\n      objects: [\"public.*\", \"pg_catalog.*\", \"information_schema.*\"]\n      \
-                 functions: [{}]\n",
-                secrets.display(),
-                functions.join(", ")
-            ),
+            extra_yaml: format!("secrets_file: {}\ngrants:\n{grants}", secrets.display()),
             ..Default::default()
         }
     }
@@ -825,4 +830,142 @@ fn chown_to_postgres(path: &Path) {
 pub fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A real OpenID Provider (npm `oidc-provider`, tests/oidc/provider.mjs) on 127.0.0.1, with
+/// clients `chaperone` and `other-app` and users alice (groups readers, staff), bob (writers)
+/// and carol (readers, email unverified).
+pub struct OidcProvider {
+    pub issuer: String,
+    port: u16,
+    dir: PathBuf,
+    ttl_secs: u64,
+    child: Option<Child>,
+}
+
+impl OidcProvider {
+    /// ID tokens live `ttl_secs`.
+    pub fn start(ttl_secs: u64) -> Self {
+        let dir = std::env::temp_dir().join(format!("chaperone-oidc-{}", unique()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let mut p = Self {
+            issuer: format!("http://127.0.0.1:{port}"),
+            port,
+            dir,
+            ttl_secs,
+            child: None,
+        };
+        let keys = p.node(&["keys", "first"]);
+        std::fs::write(p.jwks(), keys).unwrap();
+        p.spawn();
+        p
+    }
+
+    fn script() -> PathBuf {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc/provider.mjs");
+        assert!(
+            script
+                .with_file_name("node_modules")
+                .join("oidc-provider")
+                .exists(),
+            "tests/oidc/node_modules is missing: run scripts/setup.sh (npm ci in tests/oidc)"
+        );
+        script
+    }
+
+    fn jwks(&self) -> PathBuf {
+        self.dir.join("jwks.json")
+    }
+
+    fn node(&self, args: &[&str]) -> String {
+        let out = Command::new("node")
+            .arg(Self::script())
+            .args(args)
+            .output()
+            .expect("node");
+        assert_ok(&out, &format!("node provider.mjs {args:?}"))
+            .trim()
+            .to_string()
+    }
+
+    fn spawn(&mut self) {
+        let log = self.dir.join("provider.log");
+        let child = Command::new("node")
+            .arg(Self::script())
+            .args(["serve", &self.port.to_string()])
+            .arg(self.jwks())
+            .env("ID_TOKEN_TTL", self.ttl_secs.to_string())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("starting the OIDC provider");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("ready ")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the OIDC provider did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// An ID token for `user`, issued to `client` through the provider's login and consent.
+    pub fn token(&self, user: &str, client: &str) -> String {
+        self.node(&["token", &self.issuer, user, client])
+    }
+
+    /// A token with plausible claims signed by a key the provider never had.
+    pub fn forged(&self, user: &str) -> String {
+        self.node(&["forge", &self.issuer, user])
+    }
+
+    /// Rotate the signing key: restart with a new key first, the old one still published.
+    pub fn rotate_keys(&mut self) {
+        self.stop();
+        let new: Value = serde_json::from_str(&self.node(&["keys", &unique()])).unwrap();
+        let old: Value =
+            serde_json::from_str(&std::fs::read_to_string(self.jwks()).unwrap()).unwrap();
+        let mut keys = new["keys"].as_array().unwrap().clone();
+        keys.extend(old["keys"].as_array().unwrap().iter().cloned());
+        std::fs::write(self.jwks(), serde_json::json!({ "keys": keys }).to_string()).unwrap();
+        self.spawn();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The daemon's `oidc:` section for this provider (audience `chaperone`), with the key-set
+    /// refetch interval shortened for tests.
+    pub fn config_yaml(&self) -> String {
+        format!(
+            "oidc:\n  issuer: {}\n  audience: chaperone\n  jwks_refetch_secs: 1\n",
+            self.issuer
+        )
+    }
+
+    /// Write `token` to a file the agent user can read; returns its path.
+    pub fn token_file(&self, name: &str, token: &str) -> PathBuf {
+        set_mode(&self.dir, 0o755);
+        let p = self.dir.join(name);
+        std::fs::write(&p, token).unwrap();
+        set_mode(&p, 0o644);
+        p
+    }
+}
+
+impl Drop for OidcProvider {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

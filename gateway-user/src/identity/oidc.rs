@@ -3,8 +3,8 @@
 //! Owns the issuer's discovery document and key set (fetched lazily with `openidconnect`, so a
 //! daemon starts while the issuer is down) and checks a token's signature, issuer, audience,
 //! expiry, not-before and algorithm. A token signed with a key the cached set lacks makes it
-//! fetch the set again (key rotation), at most once per [`JWKS_REFETCH_INTERVAL`], so forged
-//! tokens with made-up key ids cannot make the daemon hammer the issuer.
+//! fetch the set again (key rotation), at most once per `jwks_refetch_secs` (default 10), so
+//! forged tokens with made-up key ids cannot make the daemon hammer the issuer.
 //!
 //! It decides nothing about access: it returns [`Vouched`] claims, which the control socket
 //! binds to the agent's cgroup and policy matches grants against.
@@ -35,8 +35,6 @@ use std::{
 };
 use tokio::sync::Mutex;
 
-/// Minimum time between two key-set fetches triggered by unknown keys.
-pub const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
 /// How long one request to the issuer may take.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clock skew tolerated on `nbf`.
@@ -62,6 +60,13 @@ pub struct OidcConfig {
     /// Refuse `chaperone run` without a token, even from root (default true).
     #[serde(default = "default_true")]
     pub require_token: bool,
+    /// Minimum seconds between two key-set fetches triggered by tokens with unknown keys.
+    #[serde(default = "default_jwks_refetch_secs")]
+    pub jwks_refetch_secs: u64,
+}
+
+fn default_jwks_refetch_secs() -> u64 {
+    10
 }
 
 fn default_algorithms() -> Vec<CoreJwsSigningAlgorithm> {
@@ -203,9 +208,9 @@ impl Verifier {
         let outcome = match first {
             Err(openidconnect::ClaimsVerificationError::SignatureVerification(
                 SignatureVerificationError::NoMatchingKey,
-            )) if keys
-                .as_ref()
-                .is_some_and(|k| k.fetched.elapsed() >= JWKS_REFETCH_INTERVAL) =>
+            )) if keys.as_ref().is_some_and(|k| {
+                k.fetched.elapsed() >= Duration::from_secs(self.config.jwks_refetch_secs)
+            }) =>
             {
                 // Maybe the issuer rotated its keys: fetch them again, once.
                 tracing::info!(issuer = %self.config.issuer, "token signed with an unknown key; fetching the issuer's keys again");
@@ -215,7 +220,7 @@ impl Verifier {
             other => other,
         };
         drop(keys);
-        let claims = outcome.map_err(|e| OidcError::Rejected(e.to_string()))?;
+        let claims = outcome.map_err(|e| OidcError::Rejected(error_chain(&e)))?;
         let now = chrono::Utc::now().timestamp();
         if let Some(nbf) = claims.additional_claims().nbf
             && nbf > now + NBF_LEEWAY_SECS

@@ -1,0 +1,366 @@
+//! Identity end to end (issue 4): a real OpenID Provider (npm `oidc-provider`) issues ID tokens
+//! through its own login and consent pages; `chaperone run --token-file` binds agents with them;
+//! grants by group decide what each agent may do on a real PostgreSQL.
+
+use chaperone_tests::{
+    OidcProvider, Postgres, TestDaemon, assert_ok, chaperone_bin, skip_unless_root,
+};
+use serde_json::Value;
+use std::{path::Path, process::Output};
+
+/// Readers may read every table of public; writers only `public.orders` (which does not
+/// exist): the same SELECT on `users` is allowed for one group and denied for the other.
+const GROUP_GRANTS: &str = "  - group: readers
+    target: app
+    effect: allow
+    sql:
+      classes: [read, session, transaction]
+      objects: [\"public.*\", \"pg_catalog.*\", \"information_schema.*\"]
+  - group: writers
+    target: app
+    effect: allow
+    sql:
+      classes: [read, session, transaction]
+      objects: [\"public.orders\", \"pg_catalog.*\"]
+";
+
+struct Env {
+    pg: Postgres,
+    op: OidcProvider,
+    d: TestDaemon,
+}
+
+fn env(ttl_secs: u64) -> Env {
+    let pg = Postgres::start();
+    let op = OidcProvider::start(ttl_secs);
+    let mut opts = pg.daemon_options_with_grants(GROUP_GRANTS);
+    opts.extra_yaml.push_str(&op.config_yaml());
+    let d = TestDaemon::start(opts);
+    Env { pg, op, d }
+}
+
+impl Env {
+    fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname=app user=whoever connect_timeout=10 sslmode=disable",
+            self.pg.port
+        )
+    }
+
+    /// `chaperone run --token-file FILE -- ARGS…`, invoked by root (the agent drops to nobody).
+    fn run_with_token(&self, token: &str, extra: &[&str], args: &[&str]) -> Output {
+        let file = self.op.token_file(&format!("t-{}", rand_name()), token);
+        self.d
+            .cmd()
+            .arg("run")
+            .arg("--token-file")
+            .arg(&file)
+            .args(extra)
+            .args(["--user", "nobody", "--", "timeout", "-k", "5", "60"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// The same, invoked by an unprivileged user: no root anywhere on the agent's side.
+    fn run_unprivileged(&self, token_file: &Path, args: &[&str]) -> Output {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(chaperone_bin())
+            .arg("--config")
+            .arg(&self.d.config)
+            .arg("run")
+            .arg("--token-file")
+            .arg(token_file)
+            .arg("--")
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn psql_args<'a>(&'a self, conn: &'a str, sql: &'a str) -> Vec<&'a str> {
+        vec!["psql", "-X", "-A", "-t", conn, "-c", sql]
+    }
+
+    /// Audit events of the session log.
+    fn audits(&self) -> Vec<Value> {
+        let out = self
+            .d
+            .cmd()
+            .args(["--json", "sessions", "--all"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["event"] == "audit")
+            .collect()
+    }
+}
+
+fn rand_name() -> String {
+    chaperone_tests::random_hex(6)
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn agents_in_different_groups_get_different_verdicts_on_the_same_statement() {
+    if skip_unless_root("agents_in_different_groups_get_different_verdicts_on_the_same_statement") {
+        return;
+    }
+    let e = env(600);
+    let conn = e.conninfo();
+    let sql = "SELECT email FROM users ORDER BY id";
+
+    let alice = e.run_with_token(
+        &e.op.token("alice", "chaperone"),
+        &[],
+        &e.psql_args(&conn, sql),
+    );
+    let rows = assert_ok(&alice, "alice (readers) reads users");
+    assert!(rows.contains("ada@example.com"), "{rows}");
+
+    // Bob's `chaperone run` itself runs unprivileged: the token, not root, vouches for him.
+    let bob_token = e.op.token_file("bob", &e.op.token("bob", "chaperone"));
+    let bob = e.run_unprivileged(&bob_token, &e.psql_args(&conn, sql));
+    assert_eq!(
+        bob.status.code(),
+        Some(1),
+        "bob (writers) is denied: {bob:?}"
+    );
+    assert!(
+        stderr(&bob).contains("statement denied by policy"),
+        "{}",
+        stderr(&bob)
+    );
+    assert!(stderr(&bob).contains("no grant allows"), "{}", stderr(&bob));
+
+    // Every session record carries who vouched, the subject, email and groups.
+    let sessions = e.d.wait_for_sessions(2);
+    let by = |sub: &str| {
+        sessions
+            .iter()
+            .find(|s| s["agent"]["oidc"]["subject"] == sub)
+            .unwrap_or_else(|| panic!("no session of {sub}: {sessions:#?}"))
+            .clone()
+    };
+    let a = by("alice");
+    assert_eq!(a["agent"]["name"], "alice@example.com");
+    assert_eq!(a["agent"]["oidc"]["issuer"], e.op.issuer.as_str());
+    assert_eq!(
+        a["agent"]["oidc"]["groups"],
+        serde_json::json!(["readers", "staff"])
+    );
+    assert_eq!(a["statements_allowed"], 1);
+    let b = by("bob");
+    assert_eq!(b["agent"]["oidc"]["email"], "bob@example.com");
+    assert_eq!(b["statements_denied"], 1);
+
+    // An unverified email is not an identity: carol is known by her subject.
+    let carol = e.run_with_token(
+        &e.op.token("carol", "chaperone"),
+        &[],
+        &e.psql_args(&conn, sql),
+    );
+    assert_ok(&carol, "carol (readers) reads users");
+    let sessions = e.d.wait_for_sessions(3);
+    assert!(
+        sessions
+            .iter()
+            .any(|s| s["agent"]["name"] == "carol" && s["agent"]["oidc"].get("email").is_none()),
+        "{sessions:#?}"
+    );
+    let bound = e
+        .audits()
+        .into_iter()
+        .filter(|a| a["audit"] == "agent_bound")
+        .count();
+    assert_eq!(bound, 3);
+}
+
+#[test]
+fn tokens_that_prove_nothing_are_refused_before_the_agent_starts() {
+    if skip_unless_root("tokens_that_prove_nothing_are_refused_before_the_agent_starts") {
+        return;
+    }
+    let e = env(600);
+    let good = e.op.token("alice", "chaperone");
+    let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
+    // Tampered: bob's groups in alice's signed token.
+    let claims = String::from_utf8(base64url_decode(&parts[1])).unwrap();
+    parts[1] = base64url_encode(claims.replace("\"readers\"", "\"writers\"").as_bytes());
+    let tampered = parts.join(".");
+    let marker = std::env::temp_dir().join(format!("ran-{}", rand_name()));
+    let touch = ["touch", marker.to_str().unwrap()];
+    for (what, token, extra, expect) in [
+        (
+            "another audience",
+            e.op.token("alice", "other-app"),
+            vec![],
+            "Invalid audiences",
+        ),
+        (
+            "an unknown key",
+            e.op.forged("alice"),
+            vec![],
+            "No matching key",
+        ),
+        (
+            "a tampered token",
+            tampered,
+            vec![],
+            "Signature verification failed",
+        ),
+        (
+            "garbage",
+            "not-a-token".to_string(),
+            vec![],
+            "not a JWT ID token",
+        ),
+        (
+            "another name",
+            good.clone(),
+            vec!["--as", "bob@example.com"],
+            "does not match the token",
+        ),
+    ] {
+        let out = e.run_with_token(&token, &extra, &touch);
+        assert_eq!(out.status.code(), Some(2), "{what}: {out:?}");
+        assert!(
+            stderr(&out).contains("the daemon refused the agent"),
+            "{what}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains(expect), "{what}: {}", stderr(&out));
+        assert!(!marker.exists(), "{what}: the agent must not have run");
+    }
+    // No token at all: refused, for root as for anyone, when the configuration wants tokens.
+    let out = e.d.run_agent("agent", &touch);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("requires an OIDC ID token"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!marker.exists());
+    // Each refusal is an audit event.
+    let refused = e
+        .audits()
+        .into_iter()
+        .filter(|a| a["audit"] == "bind_refused")
+        .count();
+    assert_eq!(refused, 6);
+    // And the good token works.
+    assert_ok(&e.run_with_token(&good, &[], &touch), "alice's token");
+    assert!(marker.exists());
+    let _ = std::fs::remove_file(&marker);
+}
+
+#[test]
+fn an_expired_token_ends_new_connections_with_a_clear_error() {
+    if skip_unless_root("an_expired_token_ends_new_connections_with_a_clear_error") {
+        return;
+    }
+    let e = env(6);
+    let conn = e.conninfo();
+    let token = e.op.token("alice", "chaperone");
+    let script = format!(
+        "psql -X -A -t '{conn}' -c 'SELECT 1' && sleep 7 && psql -X -A -t '{conn}' -c 'SELECT 2'"
+    );
+    let out = e.run_with_token(&token, &[], &["sh", "-c", &script]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
+    let err = stderr(&out);
+    assert!(err.contains("connection refused by policy"), "{err}");
+    assert!(err.contains("identity token of alice expired"), "{err}");
+    // The expired token cannot start a new agent either.
+    let again = e.run_with_token(&token, &[], &["true"]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(stderr(&again).contains("Expired"), "{}", stderr(&again));
+}
+
+#[test]
+fn a_rotated_signing_key_is_fetched_when_a_token_needs_it() {
+    if skip_unless_root("a_rotated_signing_key_is_fetched_when_a_token_needs_it") {
+        return;
+    }
+    let mut e = env(600);
+    let old = e.op.token("alice", "chaperone");
+    assert_ok(
+        &e.run_with_token(&old, &[], &["true"]),
+        "a token signed with the first key",
+    );
+    e.op.rotate_keys();
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // jwks_refetch_secs: 1
+    let new = e.op.token("alice", "chaperone");
+    assert_ok(
+        &e.run_with_token(&new, &[], &["true"]),
+        "a token signed with the new key",
+    );
+    assert_ok(
+        &e.run_with_token(&old, &[], &["true"]),
+        "the old key is still published",
+    );
+    assert!(
+        e.d.log().contains("fetching the issuer's keys again"),
+        "{}",
+        e.d.log()
+    );
+}
+
+#[test]
+fn an_agent_cannot_start_agents_or_leave_its_cgroup() {
+    if skip_unless_root("an_agent_cannot_start_agents_or_leave_its_cgroup") {
+        return;
+    }
+    let e = env(600);
+    let token = e.op.token_file("alice", &e.op.token("alice", "chaperone"));
+    let root = e.d.tree();
+    let script = format!(
+        "{bin} --config {cfg} run --token-file {tok} -- true; echo rc=$?; \
+         echo $$ > {root}/cgroup.procs 2>/dev/null && echo left || echo stayed; \
+         cat /proc/self/cgroup",
+        bin = chaperone_bin().display(),
+        cfg = e.d.config.display(),
+        tok = token.display(),
+        root = root.display(),
+    );
+    let out = e.run_unprivileged(&token, &["sh", "-c", &script]);
+    let stdout = assert_ok(&out, "agent shell");
+    assert!(
+        stderr(&out).contains("agents cannot start agents"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout.contains("rc=2"), "{stdout}");
+    assert!(stdout.contains("stayed"), "{stdout}");
+    let tree = root.file_name().unwrap().to_str().unwrap();
+    assert!(stdout.contains(&format!("{tree}/run-")), "{stdout}");
+}
+
+fn base64url_decode(s: &str) -> Vec<u8> {
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import base64,sys; s=sys.argv[1]; sys.stdout.buffer.write(base64.urlsafe_b64decode(s + '=' * (-len(s) % 4)))",
+            s,
+        ])
+        .output()
+        .unwrap();
+    out.stdout
+}
+
+fn base64url_encode(b: &[u8]) -> String {
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import base64,sys; print(base64.urlsafe_b64encode(sys.argv[1].encode()).decode().rstrip('='))",
+            std::str::from_utf8(b).unwrap(),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
