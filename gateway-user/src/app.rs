@@ -8,10 +8,11 @@
 use crate::{
     config::{Config, ProtocolKind, canonical_ip},
     identity::{AgentResolver, AgentTree},
-    policy::{self, Action, Policy, Subject, Verdict},
+    policy::{self, Action, Policy, PolicyStore, Subject, Verdict},
     protocols,
     record::{
-        JsonlSink, RecordSink, RecordedVerdict, SessionIds, SessionInfo, SessionRecorder, now_ms,
+        AuditEvent, JsonlSink, RecordSink, RecordedVerdict, SessionEvent, SessionIds, SessionInfo,
+        SessionRecorder, now_ms,
     },
     redirect::{ProxyAddrs, Redirect},
 };
@@ -66,7 +67,7 @@ pub enum AppError {
 /// Everything a connection task needs, built once.
 pub struct Inputs {
     pub config: Config,
-    pub policy: Policy,
+    pub policy: PolicyStore,
     pub pg: crate::protocols::postgres::Shared,
     pub redirect: Redirect,
     pub agents: AgentResolver,
@@ -149,7 +150,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         "chaperone daemon ready"
     );
     let inputs = Arc::new(Inputs {
-        policy: Policy::from_config(&config),
+        policy: PolicyStore::new(Policy::from_config(&config)),
         pg: crate::protocols::postgres::Shared::new(secrets, Some(tls_acceptor), tls_connectors),
         redirect,
         agents: AgentResolver::new(tree),
@@ -170,10 +171,16 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         ));
     }
     let control = tokio::spawn(crate::control::serve(control, inputs.clone()));
-    let reaper = tokio::spawn(reap_agent_cgroups(inputs.clone()));
+    let background = [
+        control,
+        tokio::spawn(reap_agent_cgroups(inputs.clone())),
+        tokio::spawn(watch_config(inputs.clone())),
+        tokio::spawn(watch_expiries(inputs.clone())),
+    ];
     wait_for_shutdown_signal().await;
-    control.abort();
-    reaper.abort();
+    for task in background {
+        task.abort();
+    }
     info!("shutting down: no new connections; draining live sessions");
     stop.cancel();
     tracker.close();
@@ -339,7 +346,7 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
     let agent = inputs.agents.resolve(original.cgroup_id);
     let target = inputs.config.target_for(original.addr).cloned();
     let decision = policy::evaluate(
-        &inputs.policy,
+        &inputs.policy.current(),
         &Subject::now(agent.as_ref()),
         &Action::Connect {
             dst: original.addr,
@@ -406,6 +413,124 @@ async fn reap_agent_cgroups(inputs: Arc<Inputs>) {
         tokio::time::sleep(REAP_INTERVAL).await;
         let tree = inputs.agents.tree().clone();
         let _ = tokio::task::spawn_blocking(move || tree.reap()).await;
+    }
+}
+
+/// How often the configuration's files are checked for changes.
+const CONFIG_POLL: Duration = Duration::from_secs(2);
+
+/// Reload the policy on SIGHUP and when the configuration's files change. A configuration that
+/// does not load is refused whole (the error names file, line and column) and the policy in
+/// force stays; grants and `unlisted` apply to every live session's next decision. Other
+/// settings (targets, listeners, oidc, ...) take effect at the next restart.
+async fn watch_config(inputs: Arc<Inputs>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed even with nothing to reload: SIGHUP's default action would end the daemon.
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        error!("cannot install the SIGHUP handler; reload on file change only");
+        return;
+    };
+    let path = inputs.config.path.clone();
+    let mut seen = path.as_deref().map(files_state);
+    let mut tick = tokio::time::interval(CONFIG_POLL);
+    loop {
+        let trigger = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
+            _ = tick.tick() => {
+                let now = path.as_deref().map(files_state);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "file change"
+            }
+        };
+        let Some(path) = path.clone() else {
+            info!("SIGHUP: running on the embedded default configuration; nothing to reload");
+            continue;
+        };
+        let loaded = tokio::task::spawn_blocking(move || Config::load(Some(&path))).await;
+        let audit = match loaded {
+            Ok(Ok(cfg)) => {
+                let policy = Policy::from_config(&cfg);
+                let grants = policy.grants.len();
+                inputs.policy.replace(policy);
+                let targets = |c: &Config| {
+                    c.targets
+                        .iter()
+                        .map(|t| (t.name.clone(), t.address, t.port))
+                        .collect::<Vec<_>>()
+                };
+                if targets(&cfg) != targets(&inputs.config) {
+                    warn!("targets changed: they take effect when the daemon restarts");
+                }
+                info!(trigger, grants, "policy reloaded");
+                AuditEvent::PolicyReloaded {
+                    trigger: trigger.into(),
+                    grants,
+                }
+            }
+            Ok(Err(e)) => {
+                error!(trigger, error = %e, "policy reload refused; the policy in force stays");
+                AuditEvent::PolicyReloadFailed {
+                    trigger: trigger.into(),
+                    error: e.to_string(),
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "policy reload failed");
+                continue;
+            }
+        };
+        inputs.sink.record(&SessionEvent::Audit {
+            at_ms: now_ms(),
+            audit,
+        });
+    }
+}
+
+/// Name, length and modification time of the configuration's files: what changing one changes.
+fn files_state(path: &std::path::Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+    let entries: Vec<PathBuf> = if path.is_dir() {
+        std::fs::read_dir(path)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut state: Vec<_> = entries
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).ok();
+            let len = m.as_ref().map_or(0, |m| m.len());
+            let mtime = m.and_then(|m| m.modified().ok());
+            (p, len, mtime)
+        })
+        .collect();
+    state.sort();
+    state
+}
+
+/// Say so, once, when a grant reaches its `expires` time (it stops applying by itself: every
+/// decision compares with the clock).
+async fn watch_expiries(inputs: Arc<Inputs>) {
+    let mut reported = std::collections::HashSet::new();
+    loop {
+        let now = chrono::Utc::now();
+        for (i, g) in inputs.policy.current().grants.iter().enumerate() {
+            let Some(expires) = g.expires else { continue };
+            if expires <= now && reported.insert((g.label(i), expires)) {
+                info!(grant = %g.label(i), %expires, "grant expired; it no longer applies");
+                inputs.sink.record(&SessionEvent::Audit {
+                    at_ms: now_ms(),
+                    audit: AuditEvent::GrantExpired {
+                        grant: g.label(i),
+                        expires: expires.to_rfc3339(),
+                    },
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

@@ -1,8 +1,10 @@
 //! The daemon's configuration file: where the proxy listens, which cgroup tree holds agents,
 //! where pins and state live, which destinations are targets and what happens to the rest.
 //!
-//! Owns parsing and validation only; it does no I/O beyond reading the file it is given (and
-//! `/etc/resolv.conf` when no resolvers are configured). Errors name the file, line and column.
+//! Owns parsing and validation only; it does no I/O beyond reading the file (or the directory
+//! of `*.yaml` files) it is given, and `/etc/resolv.conf` when no resolvers are configured.
+//! Errors name the file, line and column. In a directory, files are read in name order;
+//! `targets` and `grants` add up across files, every other setting may be set by one file only.
 //!
 //! ```yaml
 //! listen_port: 987
@@ -38,6 +40,8 @@ pub enum ConfigError {
     Parse(#[from] YamlError),
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    #[error("{path}: no *.yaml files in this directory")]
+    EmptyDir { path: String },
 }
 
 /// A YAML file that does not parse, with where.
@@ -201,6 +205,10 @@ pub struct Config {
     /// Where this configuration came from, for messages.
     #[serde(skip)]
     pub source: String,
+    /// The file or directory it was read from (none for the embedded default): what the daemon
+    /// watches and reloads.
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 /// Below 1024 so that, while the daemon is down, no unprivileged process can take the port
@@ -241,13 +249,27 @@ fn addr_or_net<'de, D: Deserializer<'de>>(d: D) -> Result<IpNet, D::Error> {
 impl Config {
     /// Parse a configuration from text; `source` names it in errors.
     pub fn parse(text: &str, source: &str) -> Result<Self, ConfigError> {
-        let mut cfg: Config = parse_yaml(text, source, false)?;
-        cfg.source = source.to_string();
+        let cfg = Self::parse_file(text, source)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    /// Read `path`, or the installed configuration, or the embedded default, in that order.
+    /// One file, syntax and types checked, grants located; not yet validated as a whole.
+    fn parse_file(text: &str, source: &str) -> Result<Self, ConfigError> {
+        let mut cfg: Config = parse_yaml(text, source, false)?;
+        cfg.source = source.to_string();
+        let lines = item_lines(text, "grants");
+        for (i, g) in cfg.grants.iter_mut().enumerate() {
+            g.source = Some(crate::policy::GrantSource {
+                file: source.to_string(),
+                line: lines.get(i).copied(),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// Read `path` (a file, or a directory of `*.yaml` files), or the installed configuration,
+    /// or the embedded default, in that order.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let path = match path {
             Some(p) => p.to_path_buf(),
@@ -255,11 +277,77 @@ impl Config {
             None => return Self::parse(EMBEDDED_DEFAULT, "<embedded default>"),
         };
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-            path: display.clone(),
-            source,
-        })?;
-        Self::parse(&text, &display)
+        let mut cfg = if path.is_dir() {
+            Self::load_dir(&path)?
+        } else {
+            Self::parse_file(&read(&path)?, &display)?
+        };
+        cfg.source = display;
+        cfg.path = Some(path);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Every `*.yaml`/`*.yml` file of `dir`, in name order, merged.
+    fn load_dir(dir: &Path) -> Result<Self, ConfigError> {
+        let display = dir.display().to_string();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| ConfigError::Read {
+                path: display.clone(),
+                source,
+            })?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ConfigError::EmptyDir { path: display });
+        }
+        let mut merged = serde_yaml::Mapping::new();
+        let mut set_by: std::collections::HashMap<String, String> = Default::default();
+        let mut grants = Vec::new();
+        for file in &files {
+            let name = file.display().to_string();
+            let text = read(file)?;
+            // Checked alone first, so errors point into the file that has them.
+            let part = Self::parse_file(&text, &name)?;
+            grants.extend(part.grants);
+            let map: serde_yaml::Mapping = parse_yaml(&text, &name, false)?;
+            for (k, v) in map {
+                let key = k.as_str().unwrap_or_default().to_string();
+                match (key.as_str(), merged.get_mut(&k)) {
+                    ("targets" | "grants", Some(serde_yaml::Value::Sequence(have))) => {
+                        if let serde_yaml::Value::Sequence(more) = v {
+                            have.extend(more);
+                        }
+                    }
+                    (_, Some(_)) => {
+                        return Err(ConfigError::Invalid {
+                            path: name,
+                            message: format!(
+                                "`{key}` is already set by {}: set it in one file only",
+                                set_by[&key]
+                            ),
+                        });
+                    }
+                    (_, None) => {
+                        set_by.insert(key, name.clone());
+                        merged.insert(k, v);
+                    }
+                }
+            }
+        }
+        let mut cfg: Config =
+            serde_yaml::from_value(serde_yaml::Value::Mapping(merged)).map_err(|e| {
+                ConfigError::Invalid {
+                    path: display.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        // The located copies (same order: files in name order, items in file order).
+        cfg.grants = grants;
+        Ok(cfg)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -301,10 +389,11 @@ impl Config {
         }
         for (i, g) in self.grants.iter().enumerate() {
             if !names.contains(g.target.as_str()) {
-                return Err(invalid(format!(
-                    "grants[{i}]: no target named `{}`",
-                    g.target
-                )));
+                let at = g
+                    .source
+                    .as_ref()
+                    .map_or(format!("grants[{i}]"), |s| s.to_string());
+                return Err(invalid(format!("{at}: no target named `{}`", g.target)));
             }
         }
         if let Some(o) = &self.oidc {
@@ -368,6 +457,73 @@ impl Config {
 
     pub fn status_file(&self) -> PathBuf {
         self.state_dir.join("daemon.json")
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The line (1-based) where each item of the top-level sequence `key` starts, from YAML's own
+/// event stream (serde_yaml keeps no positions). Empty when the text does not parse.
+fn item_lines(text: &str, key: &str) -> Vec<usize> {
+    use saphyr_parser::{Event, Parser};
+    let mut events = Parser::new_from_str(text).map_while(Result::ok);
+    let mut lines = Vec::new();
+    // Down to the top-level mapping.
+    for (e, _) in events.by_ref() {
+        match e {
+            Event::MappingStart(..) => break,
+            Event::StreamStart | Event::DocumentStart(_) => continue,
+            _ => return lines,
+        }
+    }
+    while let Some((e, _)) = events.next() {
+        let Event::Scalar(k, ..) = e else {
+            return lines; // the end of the mapping
+        };
+        let Some((value, _)) = events.next() else {
+            return lines;
+        };
+        if k == key && matches!(value, Event::SequenceStart(..)) {
+            while let Some((item, span)) = events.next() {
+                if item == Event::SequenceEnd {
+                    break;
+                }
+                lines.push(span.start.line());
+                skip_node(&item, &mut events);
+            }
+        } else {
+            skip_node(&value, &mut events);
+        }
+    }
+    lines
+}
+
+/// Consume the rest of the node that `first` opened.
+fn skip_node<'a>(
+    first: &saphyr_parser::Event<'a>,
+    events: &mut impl Iterator<Item = (saphyr_parser::Event<'a>, saphyr_parser::Span)>,
+) {
+    use saphyr_parser::Event;
+    if !matches!(first, Event::MappingStart(..) | Event::SequenceStart(..)) {
+        return;
+    }
+    let mut depth = 1;
+    for (e, _) in events {
+        match e {
+            Event::MappingStart(..) | Event::SequenceStart(..) => depth += 1,
+            Event::MappingEnd | Event::SequenceEnd => {
+                depth -= 1;
+                if depth == 0 {
+                    return;
+                }
+            }
+            _ => {}
+        }
     }
 }
 
@@ -450,6 +606,67 @@ mod tests {
         assert!(Config::parse("agent_cgroup: ''\n", "x").is_err());
         assert!(Config::parse("listen_ipv4: 0.0.0.0\n", "x").is_err());
         assert!(Config::parse("pin_dir: relative\n", "x").is_err());
+    }
+
+    #[test]
+    fn grants_know_their_lines() {
+        let text = "targets: [{name: t, protocol: tcp, address: 127.0.0.1, port: 1}]\n\
+                    grants:\n  - identity: a\n    target: t\n    effect: allow\n\
+                    \n  # a comment\n  - {group: g, target: t, effect: deny}\n";
+        let cfg = Config::parse(text, "p.yaml").unwrap();
+        let at: Vec<String> = cfg
+            .grants
+            .iter()
+            .map(|g| g.source.as_ref().unwrap().to_string())
+            .collect();
+        assert_eq!(at, ["p.yaml:3", "p.yaml:8"]);
+        assert_eq!(item_lines("grants: [{a: 1}, {b: 2}]", "grants"), [1, 1]);
+        assert!(item_lines("- not a mapping", "grants").is_empty());
+    }
+
+    #[test]
+    fn a_directory_adds_up_targets_and_grants_and_refuses_settings_set_twice() {
+        let dir = std::env::temp_dir().join(format!("chaperone-cfg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("10-targets.yaml"),
+            "unlisted: allow\ntargets:\n  - {name: t, protocol: tcp, address: 127.0.0.1, port: 1}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("20-grants.yaml"),
+            "# grants for t\ngrants:\n  - {identity: a, target: t, effect: allow}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
+        let cfg = Config::load(Some(&dir)).unwrap();
+        assert_eq!(cfg.unlisted, Unlisted::Allow);
+        assert_eq!(cfg.targets.len(), 1);
+        let src = cfg.grants[0].source.as_ref().unwrap().to_string();
+        assert!(src.ends_with("20-grants.yaml:3"), "{src}");
+
+        std::fs::write(dir.join("30-more.yaml"), "unlisted: deny\n").unwrap();
+        let e = Config::load(Some(&dir)).unwrap_err().to_string();
+        assert!(
+            e.contains("30-more.yaml") && e.contains("already set by"),
+            "{e}"
+        );
+        std::fs::write(
+            dir.join("30-more.yaml"),
+            "grants:\n  - {identity: a, target: nope, effect: allow}\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&dir)).unwrap_err().to_string();
+        assert!(e.contains("30-more.yaml:2: no target named `nope`"), "{e}");
+        std::fs::write(
+            dir.join("30-more.yaml"),
+            "grants:\n  - {identity: a, target: t, effect: maybe}\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&dir)).unwrap_err().to_string();
+        assert!(e.contains("30-more.yaml:2:"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,5 +1,5 @@
 // A real OpenID Provider for Chaperone's end-to-end tests: oidc-provider (OpenID certified),
-// on 127.0.0.1, with test clients and users in groups. Three commands:
+// on 127.0.0.1, with test clients and users in groups. Commands:
 //
 //   node provider.mjs serve PORT JWKS_FILE   serve until killed; prints "ready ISSUER" when up.
 //                                            ID_TOKEN_TTL (seconds, default 600) sets ID token life.
@@ -10,6 +10,12 @@
 //                                            the ID token it issues to CLIENT (default chaperone).
 //   node provider.mjs forge ISSUER USER      print a token with the right claims, signed by a
 //                                            key the provider never had.
+//   node provider.mjs approve ISSUER CODE USER
+//                                            approve a device login (the user code chaperone
+//                                            run --login shows) as USER, through the pages.
+//
+// Clients: chaperone (public: authorization code, device code, refresh token), other-app
+// (confidential).
 //
 // Users: alice (groups readers, staff), bob (writers), carol (readers; email not verified).
 
@@ -25,13 +31,23 @@ const USERS = {
   carol: { email: 'carol@example.com', email_verified: false, groups: ['readers'] },
 };
 const REDIRECT = 'http://127.0.0.1/callback';
-const CLIENTS = ['chaperone', 'other-app'].map((id) => ({
-  client_id: id,
-  client_secret: `${id}-secret`,
-  redirect_uris: [REDIRECT],
-  grant_types: ['authorization_code', 'refresh_token'],
-  response_types: ['code'],
-}));
+const DEVICE_CODE = 'urn:ietf:params:oauth:grant-type:device_code';
+const CLIENTS = [
+  {
+    client_id: 'chaperone',
+    token_endpoint_auth_method: 'none',
+    redirect_uris: [REDIRECT],
+    grant_types: ['authorization_code', 'refresh_token', DEVICE_CODE],
+    response_types: ['code'],
+  },
+  {
+    client_id: 'other-app',
+    client_secret: 'other-app-secret',
+    redirect_uris: [REDIRECT],
+    grant_types: ['authorization_code', 'refresh_token'],
+    response_types: ['code'],
+  },
+];
 
 function keys(kid = randomUUID()) {
   const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
@@ -52,8 +68,10 @@ async function serve(port, jwksFile) {
     claims: { openid: ['sub'], email: ['email', 'email_verified'], groups: ['groups'] },
     // Put the scopes' claims in the ID token itself (the daemon sees only the ID token).
     conformIdTokenClaims: false,
-    features: { devInteractions: { enabled: true } },
+    features: { devInteractions: { enabled: true }, deviceFlow: { enabled: true } },
     pkce: { required: () => false },
+    // Refresh tokens for the device login, which asks for offline_access.
+    issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),
     ttl: { IdToken: ttl },
   });
   provider.proxy = false;
@@ -80,47 +98,77 @@ class Browser {
   }
 }
 
+const FORM = 'application/x-www-form-urlencoded';
+
+// Hidden inputs and the action of the form with id `id` on an HTML page.
+function form(html, id) {
+  const start = html.indexOf(`id="${id}"`);
+  if (start < 0) return undefined;
+  const body = html.slice(start, html.indexOf('</form>', start));
+  const fields = {};
+  for (const m of body.matchAll(/<input type="hidden" name="([^"]+)" value="([^"]*)"/g)) {
+    fields[m[1]] = m[2];
+  }
+  const action = /action="([^"]+)"/.exec(html.slice(html.lastIndexOf('<form', start)))[1];
+  return { action, fields };
+}
+
+// Follow the provider's pages as USER would from `url`: redirects, device code forms, login,
+// consent. Returns the final redirect to REDIRECT (a code), or the last page's HTML.
+async function walk(b, issuer, start, user, userCode) {
+  let url = start;
+  let page; // a page a POST answered with directly, to handle without fetching
+  for (let step = 0; step < 16; step += 1) {
+    let html = page;
+    page = undefined;
+    if (html === undefined) {
+      const res = await b.go(url);
+      const location = res.headers.get('location');
+      if (location && location.startsWith(REDIRECT)) return { location };
+      if (location) { url = new URL(location, issuer).href; continue; }
+      html = await res.text();
+    }
+    let post;
+    const input = form(html, 'op.deviceInputForm');
+    const confirm = form(html, 'op.deviceConfirmForm');
+    if (input) post = { action: input.action, body: { ...input.fields, user_code: userCode } };
+    else if (confirm) post = { action: confirm.action, body: confirm.fields };
+    else if (html.includes('name="login"')) post = { action: url, body: { prompt: 'login', login: user, password: 'any' } };
+    else if (html.includes('name="prompt" value="consent"') || html.includes('Authorize')) post = { action: url, body: { prompt: 'consent' } };
+    else return { html };
+    const r = await b.go(new URL(post.action, issuer).href, {
+      method: 'POST', headers: { 'content-type': FORM }, body: new URLSearchParams(post.body),
+    });
+    const next = r.headers.get('location');
+    if (next && next.startsWith(REDIRECT)) return { location: next };
+    if (next) url = new URL(next, issuer).href;
+    else page = await r.text();
+  }
+  throw new Error('the login pages did not finish');
+}
+
 async function token(issuer, user, client = 'chaperone') {
-  const b = new Browser();
   const auth = new URL(`${issuer}/auth`);
   auth.search = new URLSearchParams({
     client_id: client, response_type: 'code', scope: 'openid email groups',
     redirect_uri: REDIRECT, nonce: randomUUID(), state: 'test',
   });
-  let url = auth.href;
-  for (let step = 0; step < 12; step += 1) {
-    const res = await b.go(url);
-    const location = res.headers.get('location');
-    if (location && location.startsWith(REDIRECT)) {
-      const code = new URL(location).searchParams.get('code');
-      if (!code) throw new Error(`no code: ${location}`);
-      const tok = await fetch(`${issuer}/token`, {
-        method: 'POST',
-        headers: {
-          'content-type': 'application/x-www-form-urlencoded',
-          authorization: `Basic ${Buffer.from(`${client}:${client}-secret`).toString('base64')}`,
-        },
-        body: new URLSearchParams({ grant_type: 'authorization_code', code, redirect_uri: REDIRECT }),
-      });
-      const body = await tok.json();
-      if (!body.id_token) throw new Error(`no id_token: ${JSON.stringify(body)}`);
-      return body.id_token;
-    }
-    if (location) { url = new URL(location, issuer).href; continue; }
-    // An interaction page: answer it as the user would (log in, then consent).
-    const html = await res.text();
-    const prompt = html.includes('name="login"') ? 'login' : 'consent';
-    const form = prompt === 'login' ? { prompt, login: user, password: 'any' } : { prompt };
-    const post = await b.go(url, {
-      method: 'POST',
-      headers: { 'content-type': 'application/x-www-form-urlencoded' },
-      body: new URLSearchParams(form),
-    });
-    const next = post.headers.get('location');
-    if (!next) throw new Error(`interaction ${prompt} gave ${post.status}: ${await post.text()}`);
-    url = new URL(next, issuer).href;
-  }
-  throw new Error('login flow did not finish');
+  const { location } = await walk(new Browser(), issuer, auth.href, user);
+  const code = location && new URL(location).searchParams.get('code');
+  if (!code) throw new Error(`no code: ${location}`);
+  const headers = { 'content-type': FORM };
+  const body = new URLSearchParams({ grant_type: 'authorization_code', code, redirect_uri: REDIRECT });
+  if (client === 'chaperone') body.set('client_id', client);
+  else headers.authorization = `Basic ${Buffer.from(`${client}:${client}-secret`).toString('base64')}`;
+  const tok = await fetch(`${issuer}/token`, { method: 'POST', headers, body });
+  const json = await tok.json();
+  if (!json.id_token) throw new Error(`no id_token: ${JSON.stringify(json)}`);
+  return json.id_token;
+}
+
+async function approve(issuer, userCode, user) {
+  const { html } = await walk(new Browser(), issuer, `${issuer}/device`, user, userCode);
+  if (!html || !html.includes('Sign-in Success')) throw new Error(`device approval failed: ${html}`);
 }
 
 function b64url(data) {
@@ -146,6 +194,7 @@ try {
     case 'keys': console.log(JSON.stringify(keys(args[0]))); break;
     case 'token': console.log(await token(args[0], args[1], args[2])); break;
     case 'forge': console.log(forge(args[0], args[1])); break;
+    case 'approve': await approve(args[0], args[1], args[2]); break;
     default: throw new Error(`unknown command ${cmd}`);
   }
 } catch (e) {

@@ -197,6 +197,40 @@ impl TestDaemon {
         panic!("daemon not ready after 30 s; log:\n{}", self.log());
     }
 
+    /// Send `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(pid as i32, sig) };
+    }
+
+    /// Audit events of the session log (agents bound, binds refused, reloads, expiries), read
+    /// from the file: the CLI would need the configuration, which a test may have broken.
+    pub fn audits(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("state/sessions.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["event"] == "audit")
+            .collect()
+    }
+
+    /// Wait (up to 20 s) until `n` audit events of kind `audit` are recorded; returns them.
+    pub fn wait_for_audits(&self, audit: &str, n: usize) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let found: Vec<Value> = self
+                .audits()
+                .into_iter()
+                .filter(|a| a["audit"] == audit)
+                .collect();
+            if found.len() >= n || Instant::now() > deadline {
+                return found;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// SIGKILL: what a crash looks like. The pins stay.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -923,6 +957,11 @@ impl OidcProvider {
     /// A token with plausible claims signed by a key the provider never had.
     pub fn forged(&self, user: &str) -> String {
         self.node(&["forge", &self.issuer, user])
+    }
+
+    /// Approve a device login (the code `chaperone run --login` printed) as `user`.
+    pub fn approve(&self, user_code: &str, user: &str) {
+        self.node(&["approve", &self.issuer, user_code, user]);
     }
 
     /// Rotate the signing key: restart with a new key first, the old one still published.

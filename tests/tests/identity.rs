@@ -341,6 +341,64 @@ fn an_agent_cannot_start_agents_or_leave_its_cgroup() {
     assert!(stdout.contains(&format!("{tree}/run-")), "{stdout}");
 }
 
+#[test]
+fn a_device_login_binds_the_agent_and_refreshes_its_token() {
+    if skip_unless_root("a_device_login_binds_the_agent_and_refreshes_its_token") {
+        return;
+    }
+    // ID tokens live 6 s; the agent connects again after 9 s, which only works if `chaperone
+    // run` refreshed its token (with the refresh token of the device login) in between.
+    let e = env(6);
+    let conn = e.conninfo();
+    let script = format!(
+        "psql -X -A -t '{conn}' -c 'SELECT 1' && sleep 9 && psql -X -A -t '{conn}' -c 'SELECT 2'"
+    );
+    let mut run =
+        e.d.cmd()
+            .args([
+                "run", "--login", "--user", "nobody", "--", "sh", "-c", &script,
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut stderr = std::io::BufReader::new(run.stderr.take().unwrap());
+    let mut seen = String::new();
+    let code = loop {
+        let mut line = String::new();
+        assert!(
+            std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0,
+            "no device code shown: {seen}"
+        );
+        seen.push_str(&line);
+        if let Some(rest) = line.split("enter the code ").nth(1) {
+            break rest.trim().to_string();
+        }
+    };
+    assert!(
+        seen.contains(&format!("open {}/device", e.op.issuer)),
+        "{seen}"
+    );
+    e.op.approve(&code, "alice");
+    let rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    let out = run.wait_with_output().unwrap();
+    let err = rest.join().unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1\n2");
+    assert!(e.d.log().contains("agent token refreshed"), "{}", e.d.log());
+    let sessions = e.d.wait_for_sessions(2);
+    assert!(
+        sessions
+            .iter()
+            .all(|s| s["agent"]["oidc"]["subject"] == "alice"),
+        "{sessions:#?}"
+    );
+}
+
 fn base64url_decode(s: &str) -> Vec<u8> {
     let out = std::process::Command::new("/usr/bin/python3")
         .args([

@@ -2,6 +2,7 @@
 //! one function per subcommand. `main` turns the returned error into one `chaperone: …` line
 //! (or a JSON object with `--json`) and an exit code.
 
+mod login;
 mod policy;
 mod run;
 
@@ -54,13 +55,36 @@ pub enum PolicyCommand {
     /// Print the verdict, the facts and the deciding rule for a statement, without any server.
     /// Exit status: 0 allow, 1 deny, 2 review (errors also exit 2, with a `chaperone:` line).
     Check(PolicyCheckArgs),
+    /// List every grant that applies to an identity, with where it is written, its effect, what
+    /// it covers, and its expiry and review dates, offline. Expired grants are listed as such.
+    Explain(PolicyExplainArgs),
+}
+
+/// Who to check for: an identity name, and for OIDC agents what their token would say.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WhoArgs {
+    /// The agent identity (`--as` of `chaperone run`, or an OIDC agent's email or subject).
+    #[arg(long = "as", value_name = "IDENTITY")]
+    pub identity: String,
+    /// The token's subject (`sub`), for grants by subject. Default: IDENTITY, when --group
+    /// is given.
+    #[arg(long, value_name = "SUB")]
+    pub subject: Option<String>,
+    /// A group from the token's groups claim, for grants by group (repeatable).
+    #[arg(long = "group", value_name = "GROUP")]
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PolicyExplainArgs {
+    #[command(flatten)]
+    pub who: WhoArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct PolicyCheckArgs {
-    /// The agent identity to check for.
-    #[arg(long = "as", value_name = "IDENTITY")]
-    pub identity: String,
+    #[command(flatten)]
+    pub who: WhoArgs,
     /// The target (a postgres target of the configuration).
     #[arg(long, value_name = "NAME")]
     pub target: String,
@@ -91,6 +115,10 @@ pub struct RunArgs {
     /// CHAPERONE_ID_TOKEN environment variable, which the agent does not inherit).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Log in with the issuer's device flow (a URL and a code to approve) instead of a token
+    /// file; the token is then refreshed for as long as the agent runs.
+    #[arg(long, conflicts_with = "token_file")]
+    pub login: bool,
     /// The Unix user the agent runs as (name or uid). Default: the user who invoked sudo.
     /// Agents must be unprivileged: root could leave its cgroup or detach the programs.
     #[arg(long, value_name = "USER")]
@@ -137,6 +165,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Status => status(&config, cli.json),
         Command::Sessions(args) => sessions(&config, &args, cli.json),
         Command::Policy(PolicyCommand::Check(args)) => policy::check(&config, &args, cli.json),
+        Command::Policy(PolicyCommand::Explain(args)) => policy::explain(&config, &args, cli.json),
     }
 }
 

@@ -1,11 +1,12 @@
 //! `chaperone policy check`: what the daemon would decide for a statement, offline, with the
 //! facts and the rule that decided. Exit 0 allow, 1 deny, 2 review.
+//! `chaperone policy explain`: every grant that applies to an identity, with its source line.
 
-use super::{PolicyCheckArgs, print_json};
+use super::{PolicyCheckArgs, PolicyExplainArgs, WhoArgs, print_json};
 use crate::{
     config::{Config, ProtocolKind},
-    identity::AgentId,
-    policy::{self, Action, Policy, Subject, Verdict},
+    identity::{AgentId, Vouched},
+    policy::{self, Action, Grant, GrantSource, Policy, Subject, Verdict},
     protocols::postgres::classify::{Facts, classify},
 };
 use anyhow::{anyhow, bail};
@@ -34,7 +35,7 @@ pub fn check(config: &Config, args: &PolicyCheckArgs, json: bool) -> anyhow::Res
         );
     }
     let policy = Policy::from_config(config);
-    let agent = AgentId::named(&args.identity);
+    let agent = agent_for(&args.who);
     let report = match classify(&args.sql) {
         Err(e) => CheckReport {
             verdict: "deny",
@@ -91,4 +92,104 @@ pub fn check(config: &Config, args: &PolicyCheckArgs, json: bool) -> anyhow::Res
         "review" => 2,
         _ => 1,
     })
+}
+
+/// The agent `who` describes; with --subject or --group, as an OIDC-proven one would be.
+fn agent_for(who: &WhoArgs) -> AgentId {
+    let mut agent = AgentId::named(&who.identity);
+    if who.subject.is_some() || !who.groups.is_empty() {
+        agent.oidc = Some(Vouched {
+            issuer: "(offline check)".into(),
+            subject: who.subject.clone().unwrap_or_else(|| who.identity.clone()),
+            email: None,
+            groups: who.groups.clone(),
+            expires_at_ms: u64::MAX,
+        });
+    }
+    agent
+}
+
+#[derive(Serialize)]
+struct ExplainedGrant<'a> {
+    rule: String,
+    /// `in force` or `expired`.
+    status: &'static str,
+    #[serde(flatten)]
+    grant: &'a Grant,
+}
+
+pub fn explain(config: &Config, args: &PolicyExplainArgs, json: bool) -> anyhow::Result<i32> {
+    let agent = agent_for(&args.who);
+    let now = chrono::Utc::now();
+    let grants: Vec<ExplainedGrant> = config
+        .grants
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.who.matches(&agent))
+        .map(|(i, g)| ExplainedGrant {
+            rule: g.label(i),
+            status: if g.in_force(now) {
+                "in force"
+            } else {
+                "expired"
+            },
+            grant: g,
+        })
+        .collect();
+    if json {
+        print_json(&serde_json::json!({ "identity": agent, "grants": grants }));
+        return Ok(0);
+    }
+    if grants.is_empty() {
+        println!(
+            "no grant applies to {}: everything it asks for is denied",
+            args.who.identity
+        );
+    }
+    for e in &grants {
+        let g = e.grant;
+        println!(
+            "{}  [{}]  {} {} on {}",
+            g.source
+                .as_ref()
+                .map_or("-".to_string(), GrantSource::to_string),
+            e.rule,
+            format!("{:?}", g.effect).to_lowercase(),
+            g.who,
+            g.target
+        );
+        let list = |v: Vec<String>| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(", ")
+            }
+        };
+        println!(
+            "    classes: {}",
+            list(
+                g.sql
+                    .classes
+                    .iter()
+                    .map(|c| c.as_str().to_string())
+                    .collect()
+            )
+        );
+        println!("    objects: {}", list(g.sql.objects.clone()));
+        if !g.sql.functions.is_empty() {
+            println!(
+                "    functions: {}",
+                list(g.sql.functions.iter().cloned().collect())
+            );
+        }
+        let date =
+            |d: Option<chrono::DateTime<chrono::Utc>>| d.map_or("never".into(), |d| d.to_rfc3339());
+        println!(
+            "    expires: {} ({})   review by: {}",
+            date(g.expires),
+            e.status,
+            g.review_by.map_or("-".into(), |d| d.to_rfc3339())
+        );
+    }
+    Ok(0)
 }

@@ -9,7 +9,10 @@
 //! execs; so its very first instruction already runs intercepted, and it cannot climb back out.
 //! This process itself stays outside the tree and only waits.
 
-use super::RunArgs;
+use super::{
+    RunArgs,
+    login::{Login, Tokens},
+};
 use crate::{
     config::Config,
     control::{self, Request, Response},
@@ -40,7 +43,6 @@ struct Account {
 
 pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
     let account = resolve_account(args)?;
-    let token = read_token(args)?;
     let (program, rest) = args.command.split_first().expect("clap requires a command");
     let mut cmd = Command::new(program);
     cmd.args(rest).env_remove(TOKEN_ENV);
@@ -61,8 +63,9 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
         libc::signal(libc::SIGINT, libc::SIG_IGN);
         libc::signal(libc::SIGQUIT, libc::SIG_IGN);
     }
-    // SAFETY: this process is single-threaded (the CLI starts no threads outside `daemon`), so
-    // the child may run ordinary code until it execs.
+    // Fork first, while this process is still single-threaded (the login below starts an HTTP
+    // client), so the child may run ordinary code until it execs.
+    // SAFETY: see above.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         bail!("fork: {}", std::io::Error::last_os_error());
@@ -74,6 +77,21 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
     }
     // SAFETY: the parent keeps only the write end.
     unsafe { libc::close(go_read) };
+    let abandon = || {
+        // SAFETY: our own child, still waiting on the pipe; closing it makes it exit.
+        unsafe {
+            libc::close(go_write);
+            libc::kill(pid, libc::SIGKILL);
+        }
+        wait(pid);
+    };
+    let (token, mut refresher) = match obtain_token(config, args) {
+        Ok(t) => t,
+        Err(e) => {
+            abandon();
+            return Err(e);
+        }
+    };
     let answer = control::call(
         &config.pin_dir,
         &Request::Bind {
@@ -88,16 +106,11 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
     let cgroup = match answer {
         Ok(Response::Bound { cgroup, .. }) => cgroup,
         other => {
-            // SAFETY: our own child, still waiting on the pipe; closing it makes it exit.
-            unsafe {
-                libc::close(go_write);
-                libc::kill(pid, libc::SIGKILL);
-            }
-            wait(pid);
+            abandon();
             match other {
                 Ok(Response::Error { message }) => bail!("the daemon refused the agent: {message}"),
                 Err(e) => return Err(e.into()),
-                Ok(Response::Bound { .. }) => unreachable!(),
+                Ok(other) => bail!("unexpected answer from the daemon: {other:?}"),
             }
         }
     };
@@ -107,14 +120,96 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
         libc::close(go_write);
     }
     forward_signals_to(pid);
-    let status = wait(pid);
+    let status = loop {
+        if let Some(code) = try_wait(pid) {
+            break code;
+        }
+        if let Some(r) = refresher.as_mut() {
+            r.tick(config, &cgroup);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     // Root can tidy up at once; otherwise the daemon reaps the empty cgroup.
-    if let Ok(tree) = AgentTree::locate(&config.agent_cgroup)
-        && let Some(c) = tree.agent_cgroup(&cgroup)
+    if let Some(c) = AgentTree::locate(&config.agent_cgroup)
+        .ok()
+        .and_then(|tree| tree.agent_cgroup(&cgroup))
     {
         c.remove_if_empty();
     }
     Ok(status)
+}
+
+/// Keeps a device-login agent's token fresh with its refresh token.
+struct Refresher {
+    login: Login,
+    tokens: Tokens,
+    next: std::time::SystemTime,
+}
+
+impl Refresher {
+    fn tick(&mut self, config: &Config, cgroup: &str) {
+        if std::time::SystemTime::now() < self.next {
+            return;
+        }
+        let Some(refresh) = self.tokens.refresh_token.clone() else {
+            return;
+        };
+        let sent = self.login.refresh(&refresh).and_then(|fresh| {
+            match control::call(
+                &config.pin_dir,
+                &Request::Refresh {
+                    cgroup: cgroup.to_string(),
+                    token: fresh.id_token.clone(),
+                },
+            )? {
+                Response::Refreshed { .. } => Ok(fresh),
+                Response::Error { message } => bail!("the daemon refused the new token: {message}"),
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            }
+        });
+        match sent {
+            Ok(fresh) => {
+                // A provider may rotate refresh tokens or not; keep the newest we have.
+                let keep = fresh.refresh_token.clone().or(Some(refresh));
+                self.tokens = Tokens {
+                    refresh_token: keep,
+                    ..fresh
+                };
+                self.next = self.tokens.refresh_at();
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot refresh the agent's token; retrying in 10 s (new connections are refused once it expires)");
+                self.next = std::time::SystemTime::now() + std::time::Duration::from_secs(10);
+            }
+        }
+    }
+}
+
+/// The ID token: from a device login (then also a refresher), `--token-file`, or the
+/// environment; none at all for a root run by name.
+fn obtain_token(
+    config: &Config,
+    args: &RunArgs,
+) -> anyhow::Result<(Option<String>, Option<Refresher>)> {
+    if !args.login {
+        return Ok((read_token(args)?, None));
+    }
+    let oidc = config
+        .oidc
+        .as_ref()
+        .context("--login needs an `oidc` section in the configuration")?;
+    let login = Login::discover(oidc)?;
+    let tokens = login.device_login()?;
+    let token = tokens.id_token.clone();
+    let next = tokens.refresh_at();
+    Ok((
+        Some(token),
+        Some(Refresher {
+            login,
+            tokens,
+            next,
+        }),
+    ))
 }
 
 /// The forked child: wait for the daemon's bind, then become the agent. Never returns.
@@ -178,22 +273,33 @@ fn pipe() -> anyhow::Result<(libc::c_int, libc::c_int)> {
 
 /// Wait for `pid` and return its exit code (128 + signal when killed).
 fn wait(pid: libc::pid_t) -> i32 {
-    let mut status = 0;
     loop {
-        // SAFETY: waiting for our own child.
-        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if rc == pid {
-            break;
-        }
-        if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            return 2;
+        if let Some(code) = reap(pid, 0) {
+            return code;
         }
     }
-    if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        128 + libc::WTERMSIG(status)
+}
+
+/// `pid`'s exit code if it has ended, without blocking.
+fn try_wait(pid: libc::pid_t) -> Option<i32> {
+    reap(pid, libc::WNOHANG)
+}
+
+fn reap(pid: libc::pid_t, flags: libc::c_int) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    let rc = unsafe { libc::waitpid(pid, &mut status, flags) };
+    if rc == pid {
+        return Some(if libc::WIFEXITED(status) {
+            libc::WEXITSTATUS(status)
+        } else {
+            128 + libc::WTERMSIG(status)
+        });
     }
+    if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+        return Some(2);
+    }
+    None
 }
 
 /// The account to drop to: `--user`, else the sudo caller; `None` only with `--allow-root` or

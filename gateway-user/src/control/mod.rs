@@ -1,5 +1,6 @@
-//! The control socket: how local callers ask the daemon for things. Today one thing, binding a
-//! new agent (`chaperone run`); the live CLI (watch, kill, approve) will come through here too.
+//! The control socket: how local callers ask the daemon for things. Today binding a new agent
+//! and refreshing its token (`chaperone run`); the live CLI (watch, kill, approve) will come
+//! through here too.
 //!
 //! One JSON request per line, one JSON response per line, on a Unix socket next to the daemon's
 //! lock (`/run/chaperone/<installation>.sock`, mode 0666: any user may ask, the daemon decides).
@@ -11,7 +12,9 @@
 //!   verifies the ID token (if any), creates the cgroup, labels it, checks the programs are in
 //!   force on it, and moves the child in. The child cannot move itself: cgroup files are root's;
 //! - without a token only root may bind, and only when the configuration does not require
-//!   tokens.
+//!   tokens;
+//! - `refresh` replaces an agent's token with a newer one for the same issuer and subject (the
+//!   token proves it; the caller must be outside the tree too).
 //!
 //! It owns the wire format ([`Request`], [`Response`]), the server loop and a small blocking
 //! client for the CLI. It decides no access (policy does, per connection and statement).
@@ -77,6 +80,8 @@ pub enum Request {
         #[serde(default)]
         token: Option<String>,
     },
+    /// Replace the token bound to the agent cgroup `cgroup` (as `Bound` named it).
+    Refresh { cgroup: String, token: String },
 }
 
 /// What the daemon answers.
@@ -86,6 +91,9 @@ pub enum Response {
     Bound {
         /// The agent's cgroup, relative to the agent tree.
         cgroup: String,
+        agent: AgentId,
+    },
+    Refreshed {
         agent: AgentId,
     },
     Error {
@@ -190,26 +198,97 @@ async fn answer(stream: UnixStream, inputs: &Inputs) -> std::io::Result<()> {
             message: format!("not a request this daemon understands: {e}"),
         },
         Ok(Request::Bind { pid, name, token }) => {
-            match bind_agent(inputs, caller, pid, name, token).await {
-                Ok((cgroup, agent)) => Response::Bound { cgroup, agent },
-                Err(message) => {
-                    warn!(uid = caller.uid, caller_pid = ?caller.pid, pid, %message, "agent bind refused");
-                    inputs.sink.record(&SessionEvent::Audit {
-                        at_ms: now_ms(),
-                        audit: AuditEvent::BindRefused {
-                            uid: caller.uid,
-                            pid,
-                            reason: message.clone(),
-                        },
-                    });
-                    Response::Error { message }
-                }
-            }
+            let outcome = bind_agent(inputs, caller, pid, name, token).await;
+            refused_on_error(inputs, caller, pid, outcome, |(cgroup, agent)| {
+                Response::Bound { cgroup, agent }
+            })
+        }
+        Ok(Request::Refresh { cgroup, token }) => {
+            let outcome = refresh_agent(inputs, caller, &cgroup, &token).await;
+            refused_on_error(inputs, caller, 0, outcome, |agent| Response::Refreshed {
+                agent,
+            })
         }
     };
     let mut out = serde_json::to_vec(&response).expect("a response serializes");
     out.push(b'\n');
     write.write_all(&out).await
+}
+
+/// The response for `outcome`; a refusal is logged and recorded as an audit event.
+fn refused_on_error<T>(
+    inputs: &Inputs,
+    caller: Caller,
+    pid: u32,
+    outcome: Result<T, String>,
+    ok: impl FnOnce(T) -> Response,
+) -> Response {
+    match outcome {
+        Ok(v) => ok(v),
+        Err(message) => {
+            warn!(uid = caller.uid, caller_pid = ?caller.pid, pid, %message, "control request refused");
+            inputs.sink.record(&SessionEvent::Audit {
+                at_ms: now_ms(),
+                audit: AuditEvent::BindRefused {
+                    uid: caller.uid,
+                    pid,
+                    reason: message.clone(),
+                },
+            });
+            Response::Error { message }
+        }
+    }
+}
+
+/// Put a fresh token on an agent: same issuer and subject as the one it was bound with.
+async fn refresh_agent(
+    inputs: &Inputs,
+    caller: Caller,
+    cgroup: &str,
+    token: &str,
+) -> Result<AgentId, String> {
+    let tree = inputs.agents.tree();
+    let caller_pid = caller
+        .pid
+        .ok_or("the caller's process id is unknown (SO_PEERCRED)")?;
+    if tree.contains_pid(caller_pid) {
+        return Err(
+            "agents cannot refresh identities: the caller runs inside the agent tree".into(),
+        );
+    }
+    let cg = tree
+        .agent_cgroup(cgroup)
+        .ok_or_else(|| format!("no agent cgroup `{cgroup}`"))?;
+    let id = cg
+        .id()
+        .ok_or_else(|| format!("agent cgroup `{cgroup}` is gone"))?;
+    let current = tree
+        .find(id)
+        .and_then(|a| a.name.zip(a.oidc))
+        .ok_or_else(|| format!("agent cgroup `{cgroup}` was not bound with a token"))?;
+    let verifier = inputs
+        .oidc
+        .as_ref()
+        .ok_or("this daemon has no `oidc` section in its configuration")?;
+    let fresh = verifier.verify(token).await.map_err(|e| e.to_string())?;
+    if fresh.issuer != current.1.issuer || fresh.subject != current.1.subject {
+        return Err(format!(
+            "the new token is for {} at {}, not {} at {}",
+            fresh.subject, fresh.issuer, current.1.subject, current.1.issuer
+        ));
+    }
+    let binding = Binding {
+        name: current.0,
+        oidc: Some(fresh),
+    };
+    cg.bind(&binding).map_err(|e| e.to_string())?;
+    inputs.agents.forget(id);
+    info!(cgroup, subject = %binding.oidc.as_ref().map_or("-", |o| o.subject.as_str()), "agent token refreshed");
+    Ok(AgentId {
+        name: Some(binding.name),
+        cgroup: cgroup.to_string(),
+        oidc: binding.oidc,
+    })
 }
 
 #[derive(Debug, Clone, Copy)]

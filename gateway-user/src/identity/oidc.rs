@@ -16,6 +16,7 @@
 //!   algorithms: [RS256, ES256]     # default: the asymmetric ones; never HS* or none
 //!   groups_claim: groups
 //!   ca_file: /etc/chaperone/issuer-ca.pem   # optional, for a private CA
+//!   login_client_id: chaperone     # optional: the client `chaperone run --login` uses
 //! ```
 
 use super::Vouched;
@@ -60,6 +61,10 @@ pub struct OidcConfig {
     /// Refuse `chaperone run` without a token, even from root (default true).
     #[serde(default = "default_true")]
     pub require_token: bool,
+    /// The public client `chaperone run --login` uses for the device login (default: the
+    /// audience, so the tokens it gets are for the daemon).
+    #[serde(default)]
+    pub login_client_id: Option<String>,
     /// Minimum seconds between two key-set fetches triggered by tokens with unknown keys.
     #[serde(default = "default_jwks_refetch_secs")]
     pub jwks_refetch_secs: u64,
@@ -160,28 +165,7 @@ impl Verifier {
             issuer: config.issuer.clone(),
             message: e.to_string(),
         })?;
-        // No redirects: the issuer's documents must come from where it says (openidconnect's
-        // advice against SSRF); no proxy variables from the daemon's environment either.
-        let mut http = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(HTTP_TIMEOUT);
-        if let Some(path) = &config.ca_file {
-            let ca_err = |message: String| OidcError::CaFile {
-                path: path.clone(),
-                message,
-            };
-            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
-            for cert in
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?
-            {
-                http = http.add_root_certificate(cert);
-            }
-        }
-        let http = http.build().map_err(|e| OidcError::Issuer {
-            issuer: config.issuer.clone(),
-            message: e.to_string(),
-        })?;
+        let http = http_client(&config)?;
         Ok(Self {
             config,
             issuer,
@@ -304,8 +288,34 @@ impl Verifier {
     }
 }
 
+/// The HTTP client for talking to the issuer. No redirects: its documents must come from where
+/// it says (openidconnect's advice against SSRF); no proxy variables from the environment; the
+/// configured CA file trusted on top of the web roots.
+pub fn http_client(config: &OidcConfig) -> Result<reqwest::Client, OidcError> {
+    let mut http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(HTTP_TIMEOUT);
+    if let Some(path) = &config.ca_file {
+        let ca_err = |message: String| OidcError::CaFile {
+            path: path.clone(),
+            message,
+        };
+        let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+        for cert in
+            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?
+        {
+            http = http.add_root_certificate(cert);
+        }
+    }
+    http.build().map_err(|e| OidcError::Issuer {
+        issuer: config.issuer.clone(),
+        message: e.to_string(),
+    })
+}
+
 /// An error with its causes, for a log line that says what actually failed.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

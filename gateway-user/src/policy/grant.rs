@@ -79,6 +79,24 @@ pub struct Grant {
     pub expires: Option<DateTime<Utc>>,
     /// When the grant's next access review is due (reported, not enforced).
     pub review_by: Option<DateTime<Utc>>,
+    /// Where it was written.
+    pub source: Option<GrantSource>,
+}
+
+/// The file (and line) a grant was written at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GrantSource {
+    pub file: String,
+    pub line: Option<usize>,
+}
+
+impl std::fmt::Display for GrantSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}", self.file),
+            None => f.write_str(&self.file),
+        }
+    }
 }
 
 /// A grant as written; [`Grant`] is what validation makes of it.
@@ -126,6 +144,7 @@ impl TryFrom<RawGrant> for Grant {
             sql: r.sql,
             expires: r.expires,
             review_by: r.review_by,
+            source: None,
         })
     }
 }

@@ -7,7 +7,7 @@
 
 mod grant;
 
-pub use grant::{Effect, Grant, SqlGrant, Who, glob_match, parse_instant};
+pub use grant::{Effect, Grant, GrantSource, SqlGrant, Who, glob_match, parse_instant};
 
 use crate::{
     config::{Target, Unlisted},
@@ -66,6 +66,29 @@ pub enum Verdict {
 pub struct Decision {
     pub verdict: Verdict,
     pub rule: String,
+}
+
+/// The policy in force, replaced whole on reload. Decisions take the current one each time, so
+/// a live session's next statement is judged by the newest rules.
+#[derive(Debug)]
+pub struct PolicyStore {
+    current: std::sync::RwLock<std::sync::Arc<Policy>>,
+}
+
+impl PolicyStore {
+    pub fn new(policy: Policy) -> Self {
+        Self {
+            current: std::sync::RwLock::new(std::sync::Arc::new(policy)),
+        }
+    }
+
+    pub fn current(&self) -> std::sync::Arc<Policy> {
+        self.current.read().expect("policy lock").clone()
+    }
+
+    pub fn replace(&self, policy: Policy) {
+        *self.current.write().expect("policy lock") = std::sync::Arc::new(policy);
+    }
 }
 
 /// The rules in force.

@@ -8,7 +8,7 @@ pub mod tcp;
 use crate::{
     config::{ProtocolKind, Target},
     identity::AgentId,
-    policy::{Policy, Refusal},
+    policy::{PolicyStore, Refusal},
     record::SessionRecorder,
 };
 use std::{net::SocketAddr, time::Duration};
@@ -33,7 +33,7 @@ pub struct Session<'a> {
     pub target: Option<&'a Target>,
     pub upstream: SocketAddr,
     pub agent: Option<&'a AgentId>,
-    pub policy: &'a Policy,
+    pub policy: &'a PolicyStore,
     pub pg: &'a postgres::Shared,
     /// Policy refused the connection: protocols that can say why do (PostgreSQL answers the
     /// startup with a FATAL error); the rest reset it.

@@ -130,6 +130,10 @@ pub enum AuditEvent {
     BindRefused { uid: u32, pid: u32, reason: String },
     /// A grant reached its `expires` time and stopped applying.
     GrantExpired { grant: String, expires: String },
+    /// The configuration was read again (SIGHUP or a file change) and its policy put in force.
+    PolicyReloaded { trigger: String, grants: usize },
+    /// A reload was refused (the file did not load); the previous policy stays in force.
+    PolicyReloadFailed { trigger: String, error: String },
 }
 
 /// Where session events go. Implementations must not block for long: they run on the data path.
@@ -318,5 +322,24 @@ mod tests {
         let (a, b) = (ids.next(), ids.next());
         assert_ne!(a, b);
         assert_eq!(a.to_string().len(), 16);
+    }
+
+    #[test]
+    fn audit_events_read_back() {
+        for audit in [
+            AuditEvent::PolicyReloaded {
+                trigger: "SIGHUP".into(),
+                grants: 2,
+            },
+            AuditEvent::GrantExpired {
+                grant: "g".into(),
+                expires: "x".into(),
+            },
+        ] {
+            let line = serde_json::to_string(&SessionEvent::Audit { at_ms: 1, audit }).unwrap();
+            assert!(line.contains(r#""event":"audit""#), "{line}");
+            let back: Result<SessionEvent, _> = serde_json::from_str(&line);
+            assert!(back.is_ok(), "{line}: {back:?}");
+        }
     }
 }

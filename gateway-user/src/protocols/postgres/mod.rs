@@ -21,7 +21,7 @@ pub mod upstream;
 
 use crate::{
     identity::AgentId,
-    policy::{self, Action, Policy, Refusal, Subject, Verdict},
+    policy::{self, Action, PolicyStore, Refusal, Subject, Verdict},
     record::SessionRecorder,
     secrets::Secrets,
 };
@@ -91,19 +91,17 @@ pub struct Shared {
     /// Per target name, for targets with upstream TLS.
     pub tls_connectors: HashMap<String, TlsConnector>,
     /// Proxy-issued cancel key → the upstream backend that key stands for.
-    cancels: Mutex<HashMap<(i32, i32), (SocketAddr, i32, i32)>>,
+    cancels: Mutex<HashMap<CancelKeyPair, UpstreamBackend>>,
     /// Per target: names of its functions outside pg_catalog and information_schema, read at
     /// login and kept for [`CATALOG_TTL`].
-    user_functions: Mutex<
-        HashMap<
-            String,
-            (
-                std::time::Instant,
-                std::sync::Arc<std::collections::HashSet<String>>,
-            ),
-        >,
-    >,
+    user_functions: Mutex<HashMap<String, (std::time::Instant, FunctionNames)>>,
 }
+
+/// A BackendKeyData (process id, secret key).
+type CancelKeyPair = (i32, i32);
+/// Where a cancel must go: the upstream address and the backend's own key pair.
+type UpstreamBackend = (SocketAddr, i32, i32);
+type FunctionNames = std::sync::Arc<std::collections::HashSet<String>>;
 
 /// How long a target's function names are trusted before a login reads them again.
 const CATALOG_TTL: Duration = Duration::from_secs(30);
@@ -170,7 +168,7 @@ pub struct Session<'a> {
     pub target: &'a crate::config::Target,
     pub upstream: SocketAddr,
     pub agent: Option<&'a AgentId>,
-    pub policy: &'a Policy,
+    pub policy: &'a PolicyStore,
     pub shared: &'a Shared,
     /// Policy refused the connection itself: answer the startup with this, then end.
     pub refusal: Option<&'a Refusal>,
@@ -231,7 +229,10 @@ pub async fn serve(
     // The classifier resolves unqualified names as pg_catalog, then public: make the server do
     // the same (a schema named after the login role would otherwise come first).
     extra.push(("search_path".into(), "public".into()));
-    if s.policy.read_only(&Subject::now(s.agent), &s.target.name) {
+    if s.policy
+        .current()
+        .read_only(&Subject::now(s.agent), &s.target.name)
+    {
         // Defence in depth: even a statement the classifier got wrong cannot write.
         extra.push(("default_transaction_read_only".into(), "on".into()));
     }
@@ -576,7 +577,7 @@ impl Judge<'_> {
         }
         let facts = &*facts;
         let decision = policy::evaluate(
-            self.s.policy,
+            &self.s.policy.current(),
             &Subject::now(self.s.agent),
             &Action::Sql {
                 target: &self.s.target.name,
@@ -763,10 +764,10 @@ mod tests {
 
     fn check(database: Option<&str>, params: &[(&str, &str)]) -> Result<CheckedStartup, PgError> {
         let t = target(database);
-        let policy = Policy {
+        let policy = PolicyStore::new(crate::policy::Policy {
             unlisted: crate::config::Unlisted::Deny,
             grants: vec![],
-        };
+        });
         let shared = Shared::default();
         let s = Session {
             target: &t,

@@ -1,0 +1,356 @@
+//! Policy files end to end (issue 4): reload on file change and SIGHUP, a broken file never
+//! replacing a good one, grants expiring, all seen by one live psycopg session whose next
+//! statement follows the newest policy.
+
+use chaperone_tests::{Postgres, TestDaemon, skip_unless_root};
+use serde_json::Value;
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Child, ChildStdout, Stdio},
+    time::Duration,
+};
+
+/// A psycopg agent holding one connection: runs each SQL line of stdin, answers one JSON line.
+const PY_SESSION: &str = r#"
+import json, sys, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+for line in sys.stdin:
+    try:
+        rows = conn.execute(line).fetchall()
+        print(json.dumps({"rows": [[str(v) for v in r] for r in rows]}), flush=True)
+    except psycopg.Error as e:
+        print(json.dumps({"sqlstate": e.sqlstate, "message": str(e)}), flush=True)
+"#;
+
+struct Session {
+    child: Child,
+    out: BufReader<ChildStdout>,
+}
+
+impl Session {
+    fn start(d: &TestDaemon, pg: &Postgres) -> Self {
+        let conn = format!(
+            "host=127.0.0.1 port={} dbname=app user=whoever sslmode=disable",
+            pg.port
+        );
+        let mut child = d
+            .cmd()
+            .args(["run", "--as", "agent", "--user", "nobody", "--"])
+            .args(["python3", "-c", PY_SESSION, &conn])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Self { child, out }
+    }
+
+    fn sql(&mut self, sql: &str) -> Value {
+        writeln!(self.child.stdin.as_mut().unwrap(), "{sql}").unwrap();
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Replace `path` at once (write aside, rename), as an editor or config manager should: the
+/// daemon must never see half a file.
+fn replace_file(path: &std::path::Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn grant(objects: &str, expires: Option<&str>) -> String {
+    let mut g = format!(
+        "  - name: agent-reads\n    identity: agent\n    target: app\n    effect: allow\n    sql:\n      \
+         classes: [read, session, transaction]\n      objects: [{objects}, \"pg_catalog.*\"]\n"
+    );
+    if let Some(e) = expires {
+        g.push_str(&format!("    expires: \"{e}\"\n"));
+    }
+    g
+}
+
+fn denied(v: &Value) -> bool {
+    v["sqlstate"] == "42501"
+}
+
+#[test]
+fn reloads_apply_to_the_next_statement_and_a_broken_file_never_replaces_a_good_one() {
+    if skip_unless_root(
+        "reloads_apply_to_the_next_statement_and_a_broken_file_never_replaces_a_good_one",
+    ) {
+        return;
+    }
+    let pg = Postgres::start();
+    let d = TestDaemon::start(pg.daemon_options_with_grants(&grant("\"public.*\"", None)));
+    let mut s = Session::start(&d, &pg);
+    let select = "SELECT count(*) FROM users";
+    assert_eq!(s.sql(select)["rows"][0][0], "3");
+
+    // Narrow the grant by editing the file: the same session's next statement is denied.
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    let narrow = good.replace("\"public.*\"", "\"public.orders\"");
+    assert_ne!(good, narrow);
+    replace_file(&d.config, &narrow);
+    assert_eq!(
+        d.wait_for_audits("policy_reloaded", 1).len(),
+        1,
+        "{}",
+        d.log()
+    );
+    let v = s.sql(select);
+    assert!(denied(&v), "{v}");
+
+    // A broken file is refused whole, with where and what; the narrow policy stays in force.
+    let broken = narrow.replace("effect: allow", "effect: perhaps");
+    replace_file(&d.config, &broken);
+    let failed = d.wait_for_audits("policy_reload_failed", 1);
+    assert_eq!(failed.len(), 1, "{}", d.log());
+    let err = failed[0]["error"].as_str().unwrap();
+    let line = broken.lines().position(|l| l.contains("perhaps")).unwrap() + 1;
+    assert!(
+        err.contains(&format!("chaperone.yaml:{line}:"))
+            && err.contains("unknown variant `perhaps`"),
+        "{err}"
+    );
+    assert!(denied(&s.sql(select)));
+
+    // Restore the broad grant, then ask for a reload by SIGHUP as well.
+    replace_file(&d.config, &good);
+    assert_eq!(d.wait_for_audits("policy_reloaded", 2).len(), 2);
+    assert_eq!(s.sql(select)["rows"][0][0], "3");
+    d.signal(libc::SIGHUP);
+    let reloads = d.wait_for_audits("policy_reloaded", 3);
+    assert_eq!(reloads.last().unwrap()["trigger"], "SIGHUP", "{reloads:?}");
+    assert_eq!(
+        s.sql(select)["rows"][0][0],
+        "3",
+        "the daemon is alive and serving"
+    );
+}
+
+#[test]
+fn an_expired_grant_stops_applying_with_an_audit_event() {
+    if skip_unless_root("an_expired_grant_stops_applying_with_an_audit_event") {
+        return;
+    }
+    let pg = Postgres::start();
+    let expires = chrono_like_in(4);
+    let d =
+        TestDaemon::start(pg.daemon_options_with_grants(&grant("\"public.*\"", Some(&expires))));
+    let mut s = Session::start(&d, &pg);
+    let select = "SELECT count(*) FROM users";
+    assert_eq!(s.sql(select)["rows"][0][0], "3");
+    let expired = d.wait_for_audits("grant_expired", 1);
+    assert_eq!(expired.len(), 1, "{}", d.log());
+    assert_eq!(expired[0]["grant"], "agent-reads");
+    std::thread::sleep(Duration::from_millis(200));
+    let v = s.sql(select);
+    assert!(denied(&v), "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("no grant allows"),
+        "{v}"
+    );
+}
+
+/// An RFC 3339 UTC time `secs` from now (via `date`, to keep the tests free of a date crate).
+fn chrono_like_in(secs: u64) -> String {
+    let out = std::process::Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("+{secs} seconds"),
+            "+%Y-%m-%dT%H:%M:%SZ",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Every kind of mistake in a policy file is reported with its file, line (and column where
+/// YAML has one) and what was expected; nothing here needs root or a daemon.
+#[test]
+fn policy_file_mistakes_get_precise_errors() {
+    let dir = std::env::temp_dir().join(format!("chaperone-policy-errors-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let target = "targets:\n  - {name: app, protocol: tcp, address: 127.0.0.1, port: 5432}\n";
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "yaml syntax",
+            format!("{target}grants:\n  - identity: a\n   target: app\n"),
+            "f.yaml:4:",
+        ),
+        (
+            "unknown field",
+            format!(
+                "{target}grants:\n  - {{identity: a, target: app, effect: allow, efect: deny}}\n"
+            ),
+            "unknown field `efect`",
+        ),
+        (
+            "unknown effect",
+            format!("{target}grants:\n  - identity: a\n    target: app\n    effect: permit\n"),
+            "f.yaml:6:13: grants[0].effect: unknown variant `permit`, expected one of `allow`, `deny`, `review`",
+        ),
+        (
+            "unknown class",
+            format!(
+                "{target}grants:\n  - identity: a\n    target: app\n    effect: allow\n    sql: {{classes: [reads]}}\n"
+            ),
+            "unknown variant `reads`",
+        ),
+        (
+            "two whos",
+            format!("{target}grants:\n  - {{identity: a, group: g, target: app, effect: allow}}\n"),
+            "exactly one of `identity`, `subject` or `group`",
+        ),
+        (
+            "no who",
+            format!("{target}grants:\n  - {{target: app, effect: allow}}\n"),
+            "exactly one of",
+        ),
+        (
+            "bad date",
+            format!(
+                "{target}grants:\n  - {{identity: a, target: app, effect: allow, expires: 31/12/2026}}\n"
+            ),
+            "`31/12/2026` is not a date (YYYY-MM-DD)",
+        ),
+        (
+            "unknown target",
+            format!("{target}grants:\n  - identity: a\n    target: ap\n    effect: allow\n"),
+            "f.yaml:4: no target named `ap`",
+        ),
+        (
+            "bad port",
+            "targets:\n  - {name: app, protocol: tcp, address: 127.0.0.1, port: http}\n".into(),
+            "f.yaml:2:",
+        ),
+        (
+            "duplicate target",
+            format!("{target}  - {{name: app, protocol: tcp, address: 127.0.0.2, port: 1}}\n"),
+            "target `app` is defined twice",
+        ),
+        (
+            "symmetric oidc",
+            "oidc: {issuer: 'https://id.example', audience: c, algorithms: [HS256]}\n".into(),
+            "HmacSha256 is not accepted",
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, text, expect) in cases {
+        let f = dir.join("f.yaml");
+        std::fs::write(&f, text).unwrap();
+        let out = std::process::Command::new(chaperone_tests::chaperone_bin())
+            .args([
+                "--config",
+                f.to_str().unwrap(),
+                "policy",
+                "explain",
+                "--as",
+                "a",
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.code() != Some(2) || !err.contains(expect) || !err.contains("f.yaml") {
+            wrong.push(format!(
+                "{what}: expected `{expect}`, got {:?}: {err}",
+                out.status.code()
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `policy explain` and `policy check` work offline, for names and for OIDC groups.
+#[test]
+fn explain_and_check_work_offline_for_names_and_groups() {
+    let dir = std::env::temp_dir().join(format!("chaperone-explain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("10-targets.yaml"),
+        "targets:\n  - {name: app, protocol: postgres, address: 127.0.0.1, port: 5432, credential: c}\nsecrets_file: /nonexistent\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("20-grants.yaml"),
+        "grants:\n  - name: readers-read\n    group: readers\n    target: app\n    effect: allow\n    \
+         sql: {classes: [read], objects: [\"public.*\"]}\n    expires: 2099-01-31\n    review_by: 2099-01-01\n  \
+         - name: old\n    identity: alice\n    target: app\n    effect: allow\n    expires: 2001-01-01\n",
+    )
+    .unwrap();
+    let chaperone = |args: &[&str]| {
+        std::process::Command::new(chaperone_tests::chaperone_bin())
+            .arg("--config")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = chaperone(&[
+        "--json", "policy", "explain", "--as", "alice", "--group", "readers",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let grants = v["grants"].as_array().unwrap();
+    assert_eq!(grants.len(), 2, "{v}");
+    assert_eq!(grants[0]["rule"], "readers-read");
+    assert_eq!(grants[0]["status"], "in force");
+    assert!(
+        grants[0]["source"]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("20-grants.yaml")
+    );
+    assert_eq!(grants[0]["source"]["line"], 2);
+    assert_eq!(grants[0]["expires"], "2099-02-01T00:00:00Z");
+    assert_eq!(grants[1]["status"], "expired");
+    let text = String::from_utf8_lossy(&chaperone(&["policy", "explain", "--as", "bob"]).stdout)
+        .into_owned();
+    assert!(text.contains("no grant applies to bob"), "{text}");
+
+    let check = |who: &[&str]| {
+        let mut args = vec![
+            "--json",
+            "policy",
+            "check",
+            "--target",
+            "app",
+            "--sql",
+            "SELECT * FROM public.users",
+        ];
+        args.extend_from_slice(who);
+        let out = chaperone(&args);
+        (
+            out.status.code(),
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+        )
+    };
+    let (code, v) = check(&["--as", "bob", "--group", "readers"]);
+    assert_eq!(
+        (code, v["verdict"].as_str()),
+        (Some(0), Some("allow")),
+        "{v}"
+    );
+    assert_eq!(v["rule"], "readers-read");
+    let (code, v) = check(&["--as", "alice"]);
+    assert_eq!(
+        (code, v["verdict"].as_str()),
+        (Some(1), Some("deny")),
+        "expired grant: {v}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
