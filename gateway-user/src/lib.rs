@@ -16,6 +16,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod identity;
+pub mod mask;
 pub mod mounts;
 pub mod policy;
 pub mod protocols;
