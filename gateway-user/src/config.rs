@@ -194,6 +194,9 @@ pub struct Config {
     /// itself one for localhost at start.
     #[serde(default)]
     pub client_tls: Option<ClientTls>,
+    /// Masking of result values (see `mask`). Absent: the built-in detectors, redacting.
+    #[serde(default)]
+    pub masking: crate::mask::MaskRules,
     /// Where this configuration came from, for messages.
     #[serde(skip)]
     pub source: String,
@@ -327,6 +330,7 @@ impl Config {
                 self.pin_dir.display()
             )));
         }
+        self.masking.check().map_err(|e| invalid(e.to_string()))?;
         if let Some(r) = &self.dns.resolvers {
             if r.len() > gateway_common::MAX_DNS_RESOLVERS as usize {
                 return Err(invalid(format!(

@@ -38,7 +38,8 @@ pub(super) fn render(kind: Kind, text: &[u8], method: Method, key: &TokenKey) ->
 fn partial(kind: Kind, text: &[u8]) -> Vec<u8> {
     match kind {
         Kind::Email => match memchr::memrchr(b'@', text) {
-            Some(at) if at > 0 => [&text[..1], b"***", &text[at..]].concat(),
+            // The first character, which may be more than one byte.
+            Some(at) if at > 0 => [&text[..first_char_len(text)], b"***", &text[at..]].concat(),
             _ => REDACTED.to_vec(),
         },
         Kind::Card | Kind::Ssn | Kind::Phone | Kind::Iban => keep_last_four(text),
@@ -65,6 +66,13 @@ fn partial(kind: Kind, text: &[u8]) -> Vec<u8> {
         Kind::Ipv6 | Kind::Jwt | Kind::AwsSecretKey => REDACTED.to_vec(),
         Kind::PrivateKey | Kind::UrlPassword | Kind::PasswordHash => REDACTED.to_vec(),
     }
+}
+
+fn first_char_len(text: &[u8]) -> usize {
+    let n = text.len().min(4);
+    (1..=n)
+        .find(|&i| std::str::from_utf8(&text[..i]).is_ok())
+        .unwrap_or(1)
 }
 
 /// Every letter and digit but the last four becomes `*`; separators stay.

@@ -298,40 +298,29 @@ impl ColumnMasker<'_> {
         base: usize,
         out: &mut Vec<Finding>,
     ) -> Option<Vec<u8>> {
-        if v.is_empty() || self.m.allowed(Kind::Column, v) {
+        if v.is_empty() {
             return None;
         }
-        match self.whole {
-            Some(rule) => {
-                let hits = self.m.detectors.scan(v, hints);
-                // Masked as what it is when one detector recognises the whole value, so
-                // `partial` keeps an email's domain or a card's last four.
-                let kind = match hits.as_slice() {
-                    [h] if h.start == 0 && h.end == v.len() => h.kind,
-                    _ => Kind::Column,
-                };
-                out.push(Finding {
-                    kind,
-                    start: base,
-                    end: base + v.len(),
-                    rule: rule.label.clone(),
-                });
-                Some(method::render(kind, v, rule.method, &self.m.key))
-            }
-            None => self.found(v, hints, base, out),
-        }
-    }
-
-    fn found(
-        &self,
-        v: &[u8],
-        hints: KindSet,
-        base: usize,
-        out: &mut Vec<Finding>,
-    ) -> Option<Vec<u8>> {
         let hits = self.m.detectors.scan(v, hints);
-        if hits.is_empty() {
-            return None;
+        if let Some(rule) = self.whole {
+            // The whole value is the unit only under a column rule: elsewhere `*@example.com`
+            // must not let `b@evil.com x@example.com` through, so findings are checked one by one.
+            if self.m.allowed(Kind::Column, v) {
+                return None;
+            }
+            // Masked as what it is when one detector recognises the whole value, so `partial`
+            // keeps an email's domain or a card's last four.
+            let kind = match hits.as_slice() {
+                [h] if h.start == 0 && h.end == v.len() => h.kind,
+                _ => Kind::Column,
+            };
+            out.push(Finding {
+                kind,
+                start: base,
+                end: base + v.len(),
+                rule: rule.label.clone(),
+            });
+            return Some(method::render(kind, v, rule.method, &self.m.key));
         }
         let mut sp = Splicer::new(v);
         for h in hits {
@@ -462,6 +451,12 @@ mod tests {
         assert_eq!(
             out,
             format!("{tok} b@example.org 4111 1111 1111 1111 ************5559 10.0.0.1")
+        );
+        // The allowlist judges each finding, not the value around it.
+        let evil = text(&m, &col, "b@evil.com");
+        assert_eq!(
+            text(&m, &col, "b@evil.com x@example.org"),
+            format!("{evil} x@example.org")
         );
     }
 
@@ -631,6 +626,17 @@ mod tests {
             failing.is_empty(),
             "below 0.98 precision or 0.99 recall: {failing:?}"
         );
+    }
+
+    #[test]
+    fn utf8_around_and_inside_findings_stays_utf8() {
+        let m = masker("rules: [{kinds: [email], method: partial}]");
+        let col = Column::named("notes", ValueType::Text);
+        assert_eq!(
+            text(&m, &col, "Grüße an jöhn@example.com, 4111111111111111 €"),
+            "Grüße an j***@example.com, **** €"
+        );
+        assert_eq!(text(&m, &col, "ö@example.com"), "ö***@example.com");
     }
 
     #[test]

@@ -116,6 +116,11 @@ fn column_match(pattern: &str, name: Option<&str>, qualified: Option<&str>) -> b
 }
 
 impl MaskRules {
+    /// Whether the rules are usable (what `Masker::new` would refuse), for configuration checks.
+    pub fn check(&self) -> Result<(), MaskError> {
+        self.compile().map(drop)
+    }
+
     /// Check the rules and give them their labels.
     pub(super) fn compile(&self) -> Result<Vec<Rule>, MaskError> {
         if let Some(index) = self.allow.iter().position(String::is_empty) {
@@ -176,6 +181,41 @@ mod tests {
         assert!(matches!(r.compile(), Err(MaskError::Empty { index: 0 })));
         let r: MaskRules = serde_yaml::from_str("allow: ['']").unwrap();
         assert!(r.compile().is_err());
+    }
+
+    #[test]
+    fn configuration_section() {
+        use crate::config::Config;
+        let cfg = Config::parse(
+            "masking:\n  rules:\n    - {kinds: [email], method: partial}\n  allow: ['*@example.com']\n",
+            "c.yaml",
+        )
+        .unwrap();
+        assert_eq!(cfg.masking.rules[0].method, Method::Partial);
+        assert!(
+            Config::parse("{}", "c.yaml")
+                .unwrap()
+                .masking
+                .rules
+                .is_empty()
+        );
+        let e = Config::parse("masking:\n  rules: [{method: token}]\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "c.yaml: masking.rules[0]: names neither columns nor kinds, so it matches nothing"
+        );
+        let e = Config::parse(
+            "masking:\n  rules: [{kinds: [email], mthod: token}]\n",
+            "c.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("c.yaml:2:") && e.contains("unknown field `mthod`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -60,18 +60,6 @@ def luhn_complete(prefix, length):
     return body + str((10 - total % 10) % 10)
 
 
-def luhn_ok(number):
-    total = 0
-    for i, d in enumerate(reversed(number)):
-        x = int(d)
-        if i % 2 == 1:
-            x *= 2
-            if x > 9:
-                x -= 9
-        total += x
-    return total % 10 == 0
-
-
 BRANDS = {
     "visa": (lambda: "4", [16, 16, 16, 13, 19]),
     "mastercard": (lambda: R.choice([str(R.randint(51, 55)), str(R.randint(2221, 2720))]), [16]),
