@@ -189,7 +189,7 @@ impl Detectors {
     /// need one, or a keyword just before the value.
     pub(super) fn scan(&self, v: &[u8], hints: KindSet) -> Vec<Hit> {
         let f = Features::of(v);
-        if !f.maybe() {
+        if !f.maybe() && !hints.has(Kind::Secret) {
             return Vec::new();
         }
         let mut hits = Vec::new();
@@ -217,6 +217,9 @@ impl Detectors {
         }
         if f.max_run >= 40 {
             aws_secrets(v, hints, &mut hits);
+        }
+        if hits.is_empty() && hints.has(Kind::Secret) {
+            hits.extend(secret(v));
         }
         resolve(hits)
     }
@@ -929,6 +932,28 @@ fn phc_end(v: &[u8], after: usize) -> Option<usize> {
     (fields >= 1 && len >= 30).then_some(after + len)
 }
 
+/// A value named like a secret: one word (surrounding blanks aside) of 8 to 512 bytes that is
+/// not a number, a timestamp or a boolean. Shorter values are flags, kinds or placeholders (`Bearer`,
+/// `none`); whitespace means prose (`min 12 characters`).
+fn secret(v: &[u8]) -> Option<Hit> {
+    let start = v.iter().position(|b| !b.is_ascii_whitespace())?;
+    let end = v.len() - v.iter().rev().position(|b| !b.is_ascii_whitespace())?;
+    let w = &v[start..end];
+    // Numbers, dates and ISO timestamps (`token_expires_at`) are not secrets.
+    // Nor placeholders made of one repeated character (`********`).
+    let plain = w.iter().all(|b| b"0123456789.-:+TZ".contains(b))
+        || w.iter().all(|b| *b == w[0])
+        || w.eq_ignore_ascii_case(b"true")
+        || w.eq_ignore_ascii_case(b"false");
+    ((8..=512).contains(&w.len()) && !plain && !w.iter().any(u8::is_ascii_whitespace)).then_some(
+        Hit {
+            kind: Kind::Secret,
+            start,
+            end,
+        },
+    )
+}
+
 /// Sort by position and drop findings that overlap a stronger one.
 fn resolve(mut hits: Vec<Hit>) -> Vec<Hit> {
     if hits.len() <= 1 {
@@ -965,6 +990,7 @@ mod tests {
     fn detects_what_validates_and_nothing_else() {
         let ssn = KindSet::of(&[Kind::Ssn]);
         let phone = KindSet::of(&[Kind::Phone]);
+        let secret_hint = super::super::kind::hints_of("password");
         let gh = "ghp_0123456789abcdefghijABCDEFGHIJ012345";
         let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
         let aws_line = format!("aws_secret_access_key = {secret}");
@@ -1073,6 +1099,29 @@ mod tests {
             ("user@localhost", NO_HINT, &[]),
             ("@handle", NO_HINT, &[]),
             ("ssh://git@example.com/repo", NO_HINT, &[]),
+            // Secrets: only by name, one word.
+            ("hunter2hunter2", NO_HINT, &[]),
+            (
+                "hunter2hunter2",
+                secret_hint,
+                &[(Kind::Secret, "hunter2hunter2")],
+            ),
+            (
+                " Tr0ub4dor&3 ",
+                secret_hint,
+                &[(Kind::Secret, "Tr0ub4dor&3")],
+            ),
+            ("min 12 characters", secret_hint, &[]),
+            ("Bearer", secret_hint, &[]),
+            ("1712345678", secret_hint, &[]),
+            (
+                "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW",
+                secret_hint,
+                &[(
+                    Kind::PasswordHash,
+                    "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW",
+                )],
+            ),
         ];
         let d = Detectors::new();
         for (v, hints, want) in table {

@@ -29,6 +29,9 @@ pub enum Kind {
     UrlPassword,
     /// bcrypt, argon2 or scrypt password hashes.
     PasswordHash,
+    /// A value no other detector knows, alone in a column or JSON key named like a secret
+    /// (`password`, `client_secret`, `api_key`, `token`): one word of 8 to 512 bytes.
+    Secret,
     /// Not a detector: a column rule masked the whole value and no detector recognised it.
     #[serde(skip_deserializing)]
     Column,
@@ -36,7 +39,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every detector kind (all but `Column`).
-    pub const DETECTORS: [Kind; 17] = [
+    pub const DETECTORS: [Kind; 18] = [
         Kind::Email,
         Kind::Card,
         Kind::Ssn,
@@ -54,6 +57,7 @@ impl Kind {
         Kind::PrivateKey,
         Kind::UrlPassword,
         Kind::PasswordHash,
+        Kind::Secret,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +79,7 @@ impl Kind {
             Kind::PrivateKey => "private_key",
             Kind::UrlPassword => "url_password",
             Kind::PasswordHash => "password_hash",
+            Kind::Secret => "secret",
             Kind::Column => "column",
         }
     }
@@ -106,7 +111,8 @@ impl Kind {
             Kind::Phone => 10,
             Kind::Ipv6 => 11,
             Kind::Ipv4 => 12,
-            Kind::Column => 13,
+            Kind::Secret => 13,
+            Kind::Column => 14,
         }
     }
 
@@ -160,19 +166,28 @@ const HINT_WORDS: &[(&str, &[Kind])] = &[
     ("pan", &[Kind::Card]),
     ("cc", &[Kind::Card]),
     ("iban", &[Kind::Iban]),
-    ("secret", &[Kind::AwsSecretKey]),
-    ("token", &[Kind::AwsSecretKey]),
+    ("secret", &[Kind::AwsSecretKey, Kind::Secret]),
+    ("token", &[Kind::AwsSecretKey, Kind::Secret]),
     ("key", &[Kind::AwsSecretKey]),
-    ("password", &[Kind::AwsSecretKey]),
-    ("passwd", &[Kind::AwsSecretKey]),
-    ("pwd", &[Kind::AwsSecretKey]),
-    ("credential", &[Kind::AwsSecretKey]),
-    ("credentials", &[Kind::AwsSecretKey]),
+    ("apikey", &[Kind::AwsSecretKey, Kind::Secret]),
+    ("password", &[Kind::AwsSecretKey, Kind::Secret]),
+    ("passwd", &[Kind::AwsSecretKey, Kind::Secret]),
+    ("pwd", &[Kind::AwsSecretKey, Kind::Secret]),
+    ("credential", &[Kind::AwsSecretKey, Kind::Secret]),
+    ("credentials", &[Kind::AwsSecretKey, Kind::Secret]),
 ];
 
 /// The kinds a column or key name hints at (ASCII case-insensitive).
 pub(super) fn hints_of(name: &str) -> KindSet {
     let mut set = KindSet::EMPTY;
+    // Two-word names whose words alone say little (`api`, `key`).
+    const SECRET_NAMES: [&str; 3] = ["api_key", "private_key", "access_key"];
+    if SECRET_NAMES
+        .iter()
+        .any(|n| name.to_ascii_lowercase().contains(n))
+    {
+        set = KindSet::of(&[Kind::AwsSecretKey, Kind::Secret]);
+    }
     for word in name.split(|c: char| !c.is_ascii_alphanumeric()) {
         if word.len() < 2 || word.len() > 64 {
             continue;
@@ -216,6 +231,10 @@ mod tests {
             ("cc_number", Kind::Card, true),
             ("aws_secret_access_key", Kind::AwsSecretKey, true),
             ("company", Kind::Card, false),
+            ("client_secret", Kind::Secret, true),
+            ("stripe_api_key", Kind::Secret, true),
+            ("sort_key", Kind::Secret, false),
+            ("password", Kind::Secret, true),
         ] {
             assert_eq!(hints_of(name).has(kind), want, "{name} {kind}");
         }

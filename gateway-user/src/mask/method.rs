@@ -64,7 +64,9 @@ fn partial(kind: Kind, text: &[u8]) -> Vec<u8> {
         Kind::AwsAccessKey => [&text[..4], REDACTED].concat(),
         Kind::Column => column_partial(text),
         Kind::Ipv6 | Kind::Jwt | Kind::AwsSecretKey => REDACTED.to_vec(),
-        Kind::PrivateKey | Kind::UrlPassword | Kind::PasswordHash => REDACTED.to_vec(),
+        Kind::PrivateKey | Kind::UrlPassword | Kind::PasswordHash | Kind::Secret => {
+            REDACTED.to_vec()
+        }
     }
 }
 

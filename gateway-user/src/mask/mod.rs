@@ -639,6 +639,91 @@ mod tests {
         assert_eq!(text(&m, &col, "ö@example.com"), "ö***@example.com");
     }
 
+    /// Random bytes rich in the characters detectors key on, and JSON built from corpus-like
+    /// pieces: no panic, findings inside the input, JSON stays JSON, arrays stay literals.
+    #[test]
+    fn arbitrary_input_never_panics_and_structure_survives() {
+        let m = masker("rules: [{kinds: [card, email], method: partial}, {columns: [secret_col]}]");
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let alphabet = b"0123456789 -.:@$+/()_=\\\"{},[]aAeEkKsSxXyYzZ\n\xc3\xa9\xff";
+        let pieces = [
+            "4111 1111 1111 1111",
+            "jane@example.com",
+            "+44 20 7946 0958",
+            "123-45-6789",
+            "DE89370400440532013000",
+            "::1",
+            "10.0.0.1",
+            "AKIAIOSFODNN7EXAMPLE",
+            "eyJhbGciOiJIUzI1NiJ9.eyJ9.x",
+            "$2b$12$",
+            "-----BEGIN PRIVATE KEY-----",
+            "a\\\"b",
+            "",
+            "\u{e9}",
+        ];
+        let types = [
+            ValueType::Text,
+            ValueType::Json,
+            ValueType::Array(Box::new(ValueType::Text)),
+            ValueType::Array(Box::new(ValueType::Json)),
+            ValueType::Number,
+        ];
+        for round in 0..4000 {
+            let len = (next() % 80) as usize;
+            let v: Vec<u8> = (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect();
+            for (i, ty) in types.iter().enumerate() {
+                let name = if round % 7 == 0 {
+                    "secret_col"
+                } else {
+                    "phone"
+                };
+                let out = m.mask(&Column::named(name, ty.clone()), &v);
+                for f in &out.findings {
+                    assert!(f.start <= f.end && f.end <= v.len(), "{v:?} {i}");
+                }
+            }
+            // A JSON document of random pieces under random keys.
+            let doc: serde_json::Map<String, serde_json::Value> = (0..(next() % 5))
+                .map(|_| {
+                    let p = pieces[(next() % pieces.len() as u64) as usize];
+                    let key = ["email", "n", "phone", "password", "notes"][(next() % 5) as usize];
+                    let val = if next() % 4 == 0 {
+                        serde_json::json!([p, 4111111111111111u64])
+                    } else {
+                        serde_json::json!(p)
+                    };
+                    (key.to_string(), val)
+                })
+                .collect();
+            let text = serde_json::to_string(&doc).unwrap();
+            let (out, _) = m.mask_str(&Column::named("doc", ValueType::Json), &text);
+            serde_json::from_str::<serde_json::Value>(&out)
+                .unwrap_or_else(|e| panic!("{text} -> {out}: {e}"));
+            let arr = format!(
+                "{{{}}}",
+                doc.values()
+                    .map(|v| format!(
+                        "\"{}\"",
+                        v.to_string().replace('\\', "\\\\").replace('"', "\\\"")
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let ty = ValueType::Array(Box::new(ValueType::Json));
+            let (out, _) = m.mask_str(&Column::named("docs", ty), &arr);
+            assert!(out.starts_with('{') && out.ends_with('}'), "{arr} -> {out}");
+        }
+    }
+
     #[test]
     fn counts_values_per_rule_and_findings_per_kind() {
         let m = masker("rules: [{name: cards, kinds: [card], method: partial}]");

@@ -262,6 +262,7 @@ for _ in range(8):
 
 # --- emails -----------------------------------------------------------------------------------
 
+WORDLIST = ["correct", "horse", "battery", "staple", "orbit", "maple", "quartz", "lantern", "river", "pixel"]
 FIRST = ["jane", "john", "maria", "wei", "olu", "anna", "li", "sam", "priya", "lukas", "noah", "emma"]
 LAST = ["doe", "smith", "garcia", "chen", "okafor", "kowalski", "nguyen", "muller", "patel", "rossi"]
 DOMAINS = ["example.com", "example.org", "mail.example.net", "corp.example.co.uk", "example.io",
@@ -468,6 +469,28 @@ for i in range(18):
 for v in ["$2.50", "$2b", "$19.99 per month", "costs $7 or $8", "$argon2", "$5$rounds", "$PATH:$HOME/bin",
           "${HOME}/.config", "$1,234,567.89", "price: $2a dozen"]:
     add("none", R.choice(["price", "-", "notes"]), v)
+
+# --- secrets by name (no known format; the column or key says what it is) --------------------
+
+SECRET_COLUMNS = ["password", "db_password", "client_secret", "api_key", "auth_token", "refresh_token",
+                  "webhook_secret", "PASSWORD", "apiKey", "smtp_passwd", "private_key_passphrase"]
+PUNCT = "!#%&*-_=.?"
+for i in range(22):
+    value = R.choice([
+        lambda: alnum(R.randint(8, 16), string.ascii_letters + string.digits + PUNCT),
+        lambda: "".join(R.choice(string.hexdigits.lower()) for _ in range(32)),
+        lambda: "-".join(R.choice(WORDLIST) for _ in range(4)),
+        lambda: b64url(rbytes(24)),
+        lambda: R.choice(FIRST).capitalize() + str(R.randint(1900, 2024)) + R.choice(PUNCT),
+    ])()
+    add("secret", SECRET_COLUMNS[i % len(SECRET_COLUMNS)], value)
+for ctx, value in [("password_policy", "min 12 chars, 1 digit"), ("token_type", "Bearer"),
+                   ("secret_question", "Name of your first pet?"), ("password_set", "true"),
+                   ("token_count", "1234567"), ("password_length", "16"), ("token_expires_at", "2025-01-01T00:00:00Z"),
+                   ("password_changed", "2024-06-30"), ("api_key_scope", "read write"), ("auth_token", "none"),
+                   ("secret_santa", "Alice"), ("refresh_token", ""), ("password", "********"),
+                   ("client_secret_rotated_at", "2025-03-01 12:00:00+00")]:
+    add("none", ctx, value)
 
 # --- ordinary values --------------------------------------------------------------------------
 
