@@ -998,28 +998,13 @@ mod tests {
         let pem = "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----";
         let pem_line = format!("k={pem};");
         let bcrypt = "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW";
+        #[rustfmt::skip]
         let table: &[Case<'_>] = &[
             // Cards: issuer prefix, length and Luhn.
-            (
-                "4111111111111111",
-                NO_HINT,
-                &[(Kind::Card, "4111111111111111")],
-            ),
-            (
-                "pay 4111 1111 1111 1111 now",
-                NO_HINT,
-                &[(Kind::Card, "4111 1111 1111 1111")],
-            ),
-            (
-                "3782-822463-10005",
-                NO_HINT,
-                &[(Kind::Card, "3782-822463-10005")],
-            ),
-            (
-                "2221000000000009",
-                NO_HINT,
-                &[(Kind::Card, "2221000000000009")],
-            ),
+            ("4111111111111111", NO_HINT, &[(Kind::Card, "4111111111111111")]),
+            ("pay 4111 1111 1111 1111 now", NO_HINT, &[(Kind::Card, "4111 1111 1111 1111")]),
+            ("3782-822463-10005", NO_HINT, &[(Kind::Card, "3782-822463-10005")]),
+            ("2221000000000009", NO_HINT, &[(Kind::Card, "2221000000000009")]),
             ("7992739871300000", NO_HINT, &[]), // Luhn-valid, no issuer: an order number
             ("4111111111111112", NO_HINT, &[]), // bad check digit
             ("1700000000000", NO_HINT, &[]),    // a millisecond timestamp
@@ -1034,28 +1019,12 @@ mod tests {
             ("123456789", ssn, &[(Kind::Ssn, "123456789")]),
             ("SSN: 123456789", NO_HINT, &[(Kind::Ssn, "123456789")]),
             // IBANs: length per country and mod-97.
-            (
-                "DE89370400440532013000",
-                NO_HINT,
-                &[(Kind::Iban, "DE89370400440532013000")],
-            ),
-            (
-                "IBAN GB29 NWBK 6016 1331 9268 19.",
-                NO_HINT,
-                &[(Kind::Iban, "GB29 NWBK 6016 1331 9268 19")],
-            ),
+            ("DE89370400440532013000", NO_HINT, &[(Kind::Iban, "DE89370400440532013000")]),
+            ("IBAN GB29 NWBK 6016 1331 9268 19.", NO_HINT, &[(Kind::Iban, "GB29 NWBK 6016 1331 9268 19")]),
             ("DE88370400440532013000", NO_HINT, &[]),
             // Phones: a + prefix or North American format; otherwise a hint.
-            (
-                "+44 20 7946 0958",
-                NO_HINT,
-                &[(Kind::Phone, "+44 20 7946 0958")],
-            ),
-            (
-                "call (415) 555-0132",
-                NO_HINT,
-                &[(Kind::Phone, "(415) 555-0132")],
-            ),
+            ("+44 20 7946 0958", NO_HINT, &[(Kind::Phone, "+44 20 7946 0958")]),
+            ("call (415) 555-0132", NO_HINT, &[(Kind::Phone, "(415) 555-0132")]),
             ("415-555-0132", NO_HINT, &[(Kind::Phone, "415-555-0132")]),
             ("4155550132", NO_HINT, &[]),
             ("020 7946 0958", phone, &[(Kind::Phone, "020 7946 0958")]),
@@ -1070,58 +1039,27 @@ mod tests {
             ("std::vec::Vec", NO_HINT, &[]),
             // Tokens, keys, hashes.
             (gh, NO_HINT, &[(Kind::GithubToken, gh)]),
-            (
-                "AKIAIOSFODNN7EXAMPLE",
-                NO_HINT,
-                &[(Kind::AwsAccessKey, "AKIAIOSFODNN7EXAMPLE")],
-            ),
+            ("AKIAIOSFODNN7EXAMPLE", NO_HINT, &[(Kind::AwsAccessKey, "AKIAIOSFODNN7EXAMPLE")]),
             (secret, NO_HINT, &[]),
             (&aws_line, NO_HINT, &[(Kind::AwsSecretKey, secret)]),
             (jwt, NO_HINT, &[(Kind::Jwt, jwt)]),
-            (
-                "postgres://app:s3cr3t@db.internal:5432/app",
-                NO_HINT,
-                &[(Kind::UrlPassword, "s3cr3t")],
-            ),
-            (
-                "redis://:pw12345@cache:6379",
-                NO_HINT,
-                &[(Kind::UrlPassword, "pw12345")],
-            ),
+            ("postgres://app:s3cr3t@db.internal:5432/app", NO_HINT, &[(Kind::UrlPassword, "s3cr3t")]),
+            ("redis://:pw12345@cache:6379", NO_HINT, &[(Kind::UrlPassword, "pw12345")]),
             (&pem_line, NO_HINT, &[(Kind::PrivateKey, pem)]),
             (bcrypt, NO_HINT, &[(Kind::PasswordHash, bcrypt)]),
             // Emails.
-            (
-                "to: Jane.Doe+x@mail.example.co.uk.",
-                NO_HINT,
-                &[(Kind::Email, "Jane.Doe+x@mail.example.co.uk")],
-            ),
+            ("to: Jane.Doe+x@mail.example.co.uk.", NO_HINT, &[(Kind::Email, "Jane.Doe+x@mail.example.co.uk")]),
             ("user@localhost", NO_HINT, &[]),
             ("@handle", NO_HINT, &[]),
             ("ssh://git@example.com/repo", NO_HINT, &[]),
             // Secrets: only by name, one word.
             ("hunter2hunter2", NO_HINT, &[]),
-            (
-                "hunter2hunter2",
-                secret_hint,
-                &[(Kind::Secret, "hunter2hunter2")],
-            ),
-            (
-                " Tr0ub4dor&3 ",
-                secret_hint,
-                &[(Kind::Secret, "Tr0ub4dor&3")],
-            ),
+            ("hunter2hunter2", secret_hint, &[(Kind::Secret, "hunter2hunter2")]),
+            (" Tr0ub4dor&3 ", secret_hint, &[(Kind::Secret, "Tr0ub4dor&3")]),
             ("min 12 characters", secret_hint, &[]),
             ("Bearer", secret_hint, &[]),
             ("1712345678", secret_hint, &[]),
-            (
-                "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW",
-                secret_hint,
-                &[(
-                    Kind::PasswordHash,
-                    "$2b$12$R9h/cIPz0gi.URNNX3kh2OPST9/PgBkqquzi.Ss7KIUgO2t0jWMUW",
-                )],
-            ),
+            (bcrypt, secret_hint, &[(Kind::PasswordHash, bcrypt)]),
         ];
         let d = Detectors::new();
         for (v, hints, want) in table {

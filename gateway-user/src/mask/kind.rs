@@ -179,31 +179,35 @@ const HINT_WORDS: &[(&str, &[Kind])] = &[
 
 /// The kinds a column or key name hints at (ASCII case-insensitive).
 pub(super) fn hints_of(name: &str) -> KindSet {
+    // Lower case with `_` for every separator, so `API-Key` reads like `api_key`; on the stack,
+    // since `Masker::mask` resolves a column per call. Longer names keep their first 128 bytes.
+    let mut buf = [0u8; 128];
+    let n = name.len().min(buf.len());
+    for (d, s) in buf.iter_mut().zip(name.bytes()) {
+        *d = if s.is_ascii_alphanumeric() {
+            s.to_ascii_lowercase()
+        } else {
+            b'_'
+        };
+    }
+    let norm = &buf[..n];
     let mut set = KindSet::EMPTY;
     // Two-word names whose words alone say little (`api`, `key`).
-    const SECRET_NAMES: [&str; 3] = ["api_key", "private_key", "access_key"];
-    if SECRET_NAMES
+    if [&b"api_key"[..], b"private_key", b"access_key"]
         .iter()
-        .any(|n| name.to_ascii_lowercase().contains(n))
+        .any(|k| memchr::memmem::find(norm, k).is_some())
     {
         set = KindSet::of(&[Kind::AwsSecretKey, Kind::Secret]);
     }
-    for word in name.split(|c: char| !c.is_ascii_alphanumeric()) {
-        if word.len() < 2 || word.len() > 64 {
-            continue;
-        }
-        let mut buf = [0u8; 64];
-        let lower = &mut buf[..word.len()];
-        lower.copy_from_slice(word.as_bytes());
-        lower.make_ascii_lowercase();
+    for word in norm.split(|&b| b == b'_').filter(|w| w.len() >= 2) {
         for (w, kinds) in HINT_WORDS {
             let w = w.as_bytes();
             // Short words must be the whole word: `cc` in `access` or `pan` in `company` is
             // not a hint.
             let hit = if w.len() <= 3 {
-                lower == w
+                word == w
             } else {
-                lower.starts_with(w) || lower.ends_with(w)
+                word.starts_with(w) || word.ends_with(w)
             };
             if hit {
                 set = set.union(KindSet::of(kinds));
@@ -235,6 +239,7 @@ mod tests {
             ("stripe_api_key", Kind::Secret, true),
             ("sort_key", Kind::Secret, false),
             ("password", Kind::Secret, true),
+            ("API-Key", Kind::Secret, true),
         ] {
             assert_eq!(hints_of(name).has(kind), want, "{name} {kind}");
         }

@@ -273,6 +273,12 @@ impl ColumnMasker<'_> {
             return None;
         }
         match ty {
+            // Nothing to find anywhere in the document (valid or not): no need to parse it.
+            ValueType::Json | ValueType::Array(_)
+                if self.whole.is_none() && !detect::Features::any_part_may_match(v) =>
+            {
+                return None;
+            }
             ValueType::Json => {
                 if let Some(r) = structured::json(self, v, hints, base, out) {
                     return r;

@@ -3,7 +3,7 @@
 //! Must not change anything but leaves: keys, structure and whitespace pass through byte for
 //! byte.
 
-use super::{ColumnMasker, Finding, ValueType, detect::Features, kind::KindSet, kind::hints_of};
+use super::{ColumnMasker, Finding, ValueType, kind::KindSet, kind::hints_of};
 
 /// Builds an output from the input and replacements, allocating only on the first one.
 pub(super) struct Splicer<'v> {
@@ -70,10 +70,6 @@ pub(super) fn json(
     base: usize,
     out: &mut Vec<Finding>,
 ) -> Option<Option<Vec<u8>>> {
-    // Nothing to find anywhere (valid JSON or not): no need to parse.
-    if cm.whole.is_none() && !Features::any_part_may_match(v) {
-        return Some(None);
-    }
     // Validate first: the walk below trusts the structure.
     serde_json::from_slice::<serde::de::IgnoredAny>(v).ok()?;
     let mut sp = Splicer::new(v);
@@ -221,9 +217,6 @@ pub(super) fn array(
     base: usize,
     out: &mut Vec<Finding>,
 ) -> Option<Option<Vec<u8>>> {
-    if cm.whole.is_none() && !Features::any_part_may_match(v) {
-        return Some(None);
-    }
     let elems = parse_array(v)?;
     let mut sp = Splicer::new(v);
     for el in elems {

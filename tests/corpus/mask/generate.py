@@ -44,6 +44,14 @@ def sentence(kind, ctx, value, templates):
     add(kind, ctx, R.choice(templates).format(value), value)
 
 
+def alone_or_in(kind, value, in_sentence, contexts, sentence_ctx, templates):
+    """A value alone under one of `contexts`, or (every so often) inside a sentence."""
+    if in_sentence:
+        sentence(kind, sentence_ctx, value, templates)
+    else:
+        add(kind, R.choice(contexts), value)
+
+
 # --- cards ------------------------------------------------------------------------------------
 
 
@@ -132,11 +140,8 @@ def ssn():
 
 
 for i in range(30):
-    s = ssn()
-    if i % 4 == 3:
-        sentence("ssn", "notes", s, ["SSN {} on file", "applicant ssn: {}", "tax id {}."])
-    else:
-        add("ssn", R.choice(["ssn", "social_security_number", "-", "employee_tin"]), s)
+    alone_or_in("ssn", ssn(), i % 4 == 3, ["ssn", "social_security_number", "-", "employee_tin"], "notes",
+                ["SSN {} on file", "applicant ssn: {}", "tax id {}."])
 for _ in range(10):
     add("ssn", R.choice(["ssn", "social_security_no"]), ssn().replace("-", ""))
 for bad in ["000-12-3456", "666-45-1234", "900-12-3456", "987-65-4320", "123-00-4567", "123-45-0000",
@@ -187,10 +192,8 @@ for i, country in enumerate(list(IBAN_FORMATS) * 2):
     value = iban(country)
     if i % 2:
         value = spaced(value)
-    if i % 5 == 4:
-        sentence("iban", "notes", value, ["transfer to {} today", "IBAN: {}", "pay {} (ref 123)"])
-    else:
-        add("iban", R.choice(["iban", "bank_account", "-"]), value)
+    alone_or_in("iban", value, i % 5 == 4, ["iban", "bank_account", "-"], "notes",
+                ["transfer to {} today", "IBAN: {}", "pay {} (ref 123)"])
 for _ in range(12):
     good = iban(R.choice(list(IBAN_FORMATS)))
     check = int(good[2:4])
@@ -227,10 +230,8 @@ INTL = [
 ]
 for i in range(24):
     value = INTL[i % len(INTL)]()
-    if i % 4 == 3:
-        sentence("phone", "notes", value, ["reach her on {} (mobile)", "whatsapp {}", "emergency contact {}"])
-    else:
-        add("phone", R.choice(["-", "phone", "contact_number"]), value)
+    alone_or_in("phone", value, i % 4 == 3, ["-", "phone", "contact_number"], "notes",
+                ["reach her on {} (mobile)", "whatsapp {}", "emergency contact {}"])
 NATIONAL = [
     lambda: "020 7946 0" + digits(3),
     lambda: "07700 900" + digits(3),
@@ -277,12 +278,8 @@ def email():
 
 
 for i in range(45):
-    e = email()
-    if i % 3 == 2:
-        sentence("email", "notes", e, ["Contact {} for access", "sent to <{}>", "from: {}, re: invoice",
-                                       "mailto:{}", "cc {}."])
-    else:
-        add("email", R.choice(["email", "user_email", "contact", "-", "EmailAddress"]), e)
+    alone_or_in("email", email(), i % 3 == 2, ["email", "user_email", "contact", "-", "EmailAddress"], "notes",
+                ["Contact {} for access", "sent to <{}>", "from: {}, re: invoice", "mailto:{}", "cc {}."])
 for v in ["user@localhost", "admin@server", "@jane_doe", "jane@", "a@b", "name at example dot com",
           "foo@bar@baz", "@@", "x@-example.com", "release@1.2.3", "node@18.17.0", "pkg@^4.2.0"]:
     add("none", R.choice(["handle", "-", "note"]), v)
@@ -297,10 +294,8 @@ for i in range(25):
         lambda: f"198.51.100.{R.randint(1, 254)}",
         lambda: f"{R.randint(11, 223)}.{R.randint(0, 255)}.{R.randint(0, 255)}.{R.randint(1, 254)}",
     ])()
-    if i % 3 == 2:
-        sentence("ipv4", "log", ip, ["connection from {} port 51234", "client={}", "GET / from {}:443", "blocked {}."])
-    else:
-        add("ipv4", R.choice(["client_ip", "ip_address", "-", "remote_addr"]), ip)
+    alone_or_in("ipv4", ip, i % 3 == 2, ["client_ip", "ip_address", "-", "remote_addr"], "log",
+                ["connection from {} port 51234", "client={}", "GET / from {}:443", "blocked {}."])
 
 
 def ipv6():
@@ -318,11 +313,8 @@ def ipv6():
 
 
 for i in range(20):
-    ip = ipv6()
-    if i % 4 == 3:
-        sentence("ipv6", "log", ip, ["peer [{}]:8443 closed", "from {} via eth0", "addr={}"])
-    else:
-        add("ipv6", R.choice(["client_ip", "-", "ipv6_address"]), ip)
+    alone_or_in("ipv6", ipv6(), i % 4 == 3, ["client_ip", "-", "ipv6_address"], "log",
+                ["peer [{}]:8443 closed", "from {} via eth0", "addr={}"])
 add("ipv6", "-", "::1")
 for v in ["10.2.3.4.5", "v2.31.0", "4.19.0-21-amd64", "192.168.1", "256.1.1.1", "1.2.3.4.5.6", "3.14159",
           "01.02.2024", "v1.2.3.4-beta", "12:30:45", "2024-01-15T10:30:00Z", "00:1a:2b:3c:4d:5e",
@@ -349,10 +341,8 @@ for i in range(16):
                                  "name": R.choice(FIRST)}, separators=(",", ":")).encode())
     sig = b64url(rbytes(32 if alg[0] == "H" else 64))
     jwt = f"{header}.{payload}.{sig}"
-    if i % 3 == 2:
-        sentence("jwt", "authorization", jwt, ["Bearer {}", "token={}&x=1"])
-    else:
-        add("jwt", R.choice(["access_token", "-", "session"]), jwt)
+    alone_or_in("jwt", jwt, i % 3 == 2, ["access_token", "-", "session"], "authorization",
+                ["Bearer {}", "token={}&x=1"])
 # Not JWTs: base64 JSON with no dots, header without alg, dotted words.
 for _ in range(4):
     blob = b64url(json.dumps({"id": R.randint(1, 999), "k": alnum(6)}).encode())
@@ -365,10 +355,8 @@ add("none", "-", "eyJ.not.a.token")
 AWS32 = string.ascii_uppercase + "234567"
 for i in range(16):
     key = R.choice(["AKIA", "ASIA"]) + alnum(16, AWS32)
-    if i % 4 == 3:
-        sentence("aws_access_key", "config", key, ["aws_access_key_id = {}", "export AWS_ACCESS_KEY_ID={}"])
-    else:
-        add("aws_access_key", R.choice(["access_key_id", "-"]), key)
+    alone_or_in("aws_access_key", key, i % 4 == 3, ["access_key_id", "-"], "config",
+                ["aws_access_key_id = {}", "export AWS_ACCESS_KEY_ID={}"])
 for v in ["AKIA1234", "AKIAIOSFODNN7EXAMPLE1", "ASIAN_FOOD_CATEGORY_ID", "AKIAIOSFODNN7exampl"]:
     add("none", "-", v)
 
@@ -404,10 +392,8 @@ for i in range(15):
     else:
         p, n = GH[i % 5]
         tok = p + alnum(n)
-    if i % 3 == 2:
-        sentence("github_token", "notes", tok, ["GITHUB_TOKEN={}", "use {} for CI", "token {} leaked"])
-    else:
-        add("github_token", R.choice(["token", "-", "github_token"]), tok)
+    alone_or_in("github_token", tok, i % 3 == 2, ["token", "-", "github_token"], "notes",
+                ["GITHUB_TOKEN={}", "use {} for CI", "token {} leaked"])
 for i in range(10):
     tok = "glpat-" + alnum(20, string.ascii_letters + string.digits + "_-")
     add("gitlab_token", R.choice(["token", "-"]), tok if i % 3 else f"PRIVATE-TOKEN: {tok}", "" if i % 3 else tok)
