@@ -12,7 +12,8 @@
 //! know a wire protocol.
 //!
 //! Value types: text is scanned; JSON is parsed and its string values masked, with the nearest
-//! key as context (keys themselves are kept); array literals `{a,b,"c d"}` are masked element by
+//! key as context (keys are masked only where a detector finds something in them, as in a map
+//! keyed by email; redaction can then repeat a key); array literals `{a,b,"c d"}` are masked element by
 //! element. Numbers, booleans, timestamps, UUIDs and bytea are left alone unless a rule names the
 //! column. Masked output stays valid for its type, except that a masked scalar becomes text: a
 //! masked JSON number becomes a JSON string (`"****"`), and a masked `integer` column value is
@@ -304,11 +305,24 @@ impl ColumnMasker<'_> {
         base: usize,
         out: &mut Vec<Finding>,
     ) -> Option<Vec<u8>> {
+        self.leaf_under(self.whole, v, hints, base, out)
+    }
+
+    /// [`ColumnMasker::leaf`] with `whole` as the column rule: JSON keys are structure, so
+    /// only what detectors find in them is masked, whatever the column's rule.
+    fn leaf_under(
+        &self,
+        whole: Option<&Rule>,
+        v: &[u8],
+        hints: KindSet,
+        base: usize,
+        out: &mut Vec<Finding>,
+    ) -> Option<Vec<u8>> {
         if v.is_empty() {
             return None;
         }
         let hits = self.m.detectors.scan(v, hints);
-        if let Some(rule) = self.whole {
+        if let Some(rule) = whole {
             // The whole value is the unit only under a column rule: elsewhere `*@example.com`
             // must not let `b@evil.com x@example.com` through, so findings are checked one by one.
             if self.m.allowed(Kind::Column, v) {
@@ -493,6 +507,21 @@ mod tests {
         let col = Column::named("doc", ValueType::Json);
         let (out, _) = m.mask_str(&col, r#"{"a": "x", "b": [1, null, false]}"#);
         assert_eq!(out, r#"{"a": "****", "b": ["****", null, false]}"#);
+    }
+
+    #[test]
+    fn json_keys_are_masked_only_where_detectors_find_something() {
+        let m = masker("rules: [{kinds: [email], method: token}]");
+        let col = Column::named("roles", ValueType::Json);
+        let v = r#"{"jane@example.com": "admin", "team": {"bob@example.org": "viewer"}}"#;
+        let (out, f) = m.mask_str(&col, v);
+        assert!(!out.contains("jane@") && !out.contains("bob@"), "{out}");
+        assert!(out.contains(r#"@example.com": "admin""#), "{out}");
+        assert_eq!(f.len(), 2);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap();
+        let m = masker("rules: [{columns: [doc]}]");
+        let (out, _) = m.mask_str(&Column::named("doc", ValueType::Json), r#"{"a@b.io": "x"}"#);
+        assert_eq!(out, r#"{"****": "****"}"#);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Must not change anything but leaves: keys, structure and whitespace pass through byte for
 //! byte.
 
-use super::{ColumnMasker, Finding, ValueType, kind::KindSet, kind::hints_of};
+use super::{ColumnMasker, Finding, ValueType, kind::KindSet, kind::hints_of, rules::Rule};
 
 /// Builds an output from the input and replacements, allocating only on the first one.
 pub(super) struct Splicer<'v> {
@@ -103,13 +103,25 @@ pub(super) fn json(
             b'"' => {
                 let (end, escaped) = string_end(v, i);
                 if expect_key {
+                    // The key names what follows; it is masked itself only where a detector
+                    // finds something (a map keyed by email), in its object's context.
                     if let Some(f) = stack.last_mut() {
                         f.key =
                             std::str::from_utf8(&v[i + 1..end]).map_or(KindSet::EMPTY, hints_of);
+                        let ctx = f.ctx;
+                        if let Some((s, e, new)) =
+                            json_string(cm, None, v, (i, end, escaped), ctx, base, out)
+                        {
+                            sp.replace(s, e, &new);
+                        }
                     }
                 } else {
                     let ctx = value_ctx(&stack, hints);
-                    json_string(cm, v, (i, end, escaped), ctx, base, out, &mut sp);
+                    if let Some((s, e, new)) =
+                        json_string(cm, cm.whole, v, (i, end, escaped), ctx, base, out)
+                    {
+                        sp.replace(s, e, &new);
+                    }
                 }
                 i = end + 1;
             }
@@ -149,37 +161,27 @@ fn string_end(v: &[u8], q: usize) -> (usize, bool) {
     (j.min(v.len()), escaped)
 }
 
+/// The masked string at `v[q0..=q1]` (quotes included): the span to replace and its new bytes.
 fn json_string(
     cm: &ColumnMasker<'_>,
+    whole: Option<&Rule>,
     v: &[u8],
     (q0, q1, escaped): (usize, usize, bool),
     ctx: KindSet,
     base: usize,
     out: &mut Vec<Finding>,
-    sp: &mut Splicer<'_>,
-) {
+) -> Option<(usize, usize, Vec<u8>)> {
     if !escaped {
         // Replacements never contain quotes or backslashes, so they drop in as they are.
-        if let Some(new) = cm.leaf(&v[q0 + 1..q1], ctx, base + q0 + 1, out) {
-            sp.replace(q0 + 1, q1, &new);
-        }
-        return;
+        let new = cm.leaf_under(whole, &v[q0 + 1..q1], ctx, base + q0 + 1, out)?;
+        return Some((q0 + 1, q1, new));
     }
-    let Ok(text) = serde_json::from_slice::<String>(&v[q0..=q1]) else {
-        return;
-    };
-    if let Some(new) = whole_span(out, base + q0, base + q1 + 1, |o| {
-        cm.leaf(text.as_bytes(), ctx, 0, o)
-    }) {
-        let new = String::from_utf8_lossy(&new);
-        sp.replace(
-            q0,
-            q1 + 1,
-            serde_json::to_string(&new)
-                .expect("a string serializes")
-                .as_bytes(),
-        );
-    }
+    let text = serde_json::from_slice::<String>(&v[q0..=q1]).ok()?;
+    let new = whole_span(out, base + q0, base + q1 + 1, |o| {
+        cm.leaf_under(whole, text.as_bytes(), ctx, 0, o)
+    })?;
+    let new = serde_json::to_string(&String::from_utf8_lossy(&new)).expect("a string serializes");
+    Some((q0, q1 + 1, new.into_bytes()))
 }
 
 /// Run `f` on an unescaped copy; its findings then cover `[s, e)` of the input, the escaped
