@@ -202,6 +202,9 @@ pub struct Config {
     /// root may start agents, by name.
     #[serde(default)]
     pub oidc: Option<crate::identity::oidc::OidcConfig>,
+    /// Masking of result values (see `mask`). Absent: the built-in detectors, redacting.
+    #[serde(default)]
+    pub masking: crate::mask::MaskRules,
     /// Where this configuration came from, for messages.
     #[serde(skip)]
     pub source: String,
@@ -423,6 +426,7 @@ impl Config {
                 self.pin_dir.display()
             )));
         }
+        self.masking.check().map_err(|e| invalid(e.to_string()))?;
         if let Some(r) = &self.dns.resolvers
             && r.len() > gateway_common::MAX_DNS_RESOLVERS as usize
         {

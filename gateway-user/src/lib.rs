@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod identity;
+pub mod mask;
 pub mod mounts;
 pub mod policy;
 pub mod protocols;

@@ -3,6 +3,7 @@
 //! (or a JSON object with `--json`) and an exit code.
 
 mod login;
+mod mask;
 mod policy;
 mod run;
 
@@ -48,6 +49,33 @@ pub enum Command {
     /// Work with the policy offline.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Mask stdin line by line, as the daemon masks result values, and write each line to
+    /// stdout. Uses the configuration's `masking` rules, else the built-in detectors with
+    /// redaction. With --json: one `{"masked", "findings": [{kind, start, end, rule}]}` per line,
+    /// offsets in bytes into the input line.
+    Mask(MaskArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MaskArgs {
+    /// The agent identity. Accepted, but today the configuration's `masking` rules apply to every
+    /// identity (per-grant masking comes later).
+    #[arg(long = "as", value_name = "IDENTITY")]
+    pub identity: Option<String>,
+    /// The column the lines come from: a name (`email`) or `schema.table.column`. Names give the
+    /// detectors context; column rules match it.
+    #[arg(long, value_name = "NAME")]
+    pub column: Option<String>,
+    /// What each line is: text, a JSON document, or a PostgreSQL text array literal.
+    #[arg(long = "type", value_name = "TYPE", default_value = "text")]
+    pub ty: ValueKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ValueKind {
+    Text,
+    Json,
+    Array,
 }
 
 #[derive(Debug, Subcommand)]
@@ -166,6 +194,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Sessions(args) => sessions(&config, &args, cli.json),
         Command::Policy(PolicyCommand::Check(args)) => policy::check(&config, &args, cli.json),
         Command::Policy(PolicyCommand::Explain(args)) => policy::explain(&config, &args, cli.json),
+        Command::Mask(args) => mask::mask(&config, &args, cli.json),
     }
 }
 
@@ -374,6 +403,39 @@ mod tests {
             Command::Policy(PolicyCommand::Check(a)) => assert_eq!(a.sql, "-- c\nSELECT 1"),
             c => panic!("{c:?}"),
         }
+    }
+
+    #[test]
+    fn mask_takes_identity_column_type_and_global_json() {
+        let cli = Cli::try_parse_from([
+            "chaperone",
+            "mask",
+            "--as",
+            "agent",
+            "--column",
+            "hr.people.email",
+            "--json",
+            "--type",
+            "json",
+        ])
+        .unwrap();
+        assert!(cli.json);
+        match cli.command {
+            Command::Mask(a) => {
+                assert_eq!(a.identity.as_deref(), Some("agent"));
+                assert_eq!(a.column.as_deref(), Some("hr.people.email"));
+                assert_eq!(a.ty, ValueKind::Json);
+            }
+            c => panic!("{c:?}"),
+        }
+        match Cli::try_parse_from(["chaperone", "mask"]).unwrap().command {
+            Command::Mask(a) => {
+                assert_eq!((a.identity, a.column, a.ty), (None, None, ValueKind::Text))
+            }
+            c => panic!("{c:?}"),
+        }
+        assert!(Cli::try_parse_from(["chaperone", "mask", "--type", "xml"]).is_err());
+        assert!(Cli::try_parse_from(["chaperone", "mask", "--column"]).is_err());
     }
 
     #[test]
