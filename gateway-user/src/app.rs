@@ -72,7 +72,7 @@ pub struct Inputs {
     pub redirect: Redirect,
     pub agents: AgentResolver,
     /// Verifies agents' ID tokens (when the configuration has an `oidc` section).
-    pub oidc: Option<crate::identity::oidc::Verifier>,
+    pub oidc: Option<Arc<crate::identity::oidc::Verifier>>,
     pub sink: Arc<dyn RecordSink>,
     pub ids: SessionIds,
 }
@@ -110,7 +110,11 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         .oidc
         .clone()
         .map(crate::identity::oidc::Verifier::new)
-        .transpose()?;
+        .transpose()?
+        .map(Arc::new);
+    let services = Arc::new(crate::identity::services::Services::new(
+        config.services.clone(),
+    ));
     let sink: Arc<dyn RecordSink> = Arc::new(JsonlSink::open(&config.sessions_log())?);
     let secrets = match &config.secrets_file {
         Some(path) => crate::secrets::Secrets::load(path)?,
@@ -153,7 +157,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         policy: PolicyStore::new(Policy::from_config(&config)),
         pg: crate::protocols::postgres::Shared::new(secrets, Some(tls_acceptor), tls_connectors),
         redirect,
-        agents: AgentResolver::new(tree),
+        agents: AgentResolver::new(tree, services.clone()),
         oidc,
         sink,
         ids: SessionIds::default(),
@@ -176,6 +180,10 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         tokio::spawn(reap_agent_cgroups(inputs.clone())),
         tokio::spawn(watch_config(inputs.clone())),
         tokio::spawn(watch_expiries(inputs.clone())),
+        tokio::spawn(match inputs.oidc.clone() {
+            Some(v) => futures_util::future::Either::Left(services.keep_fresh(v)),
+            None => futures_util::future::Either::Right(std::future::ready(())),
+        }),
     ];
     wait_for_shutdown_signal().await;
     for task in background {

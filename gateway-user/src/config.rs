@@ -202,6 +202,9 @@ pub struct Config {
     /// root may start agents, by name.
     #[serde(default)]
     pub oidc: Option<crate::identity::oidc::OidcConfig>,
+    /// Agents not started by `chaperone run`, bound by cgroup (see `identity::services`).
+    #[serde(default)]
+    pub services: Vec<crate::identity::services::ServiceConfig>,
     /// Masking of result values (see `mask`). Absent: the built-in detectors, redacting.
     #[serde(default)]
     pub masking: crate::mask::MaskRules,
@@ -401,6 +404,22 @@ impl Config {
         }
         if let Some(o) = &self.oidc {
             o.validate().map_err(invalid)?;
+        }
+        let mut cgroups = std::collections::HashSet::new();
+        for svc in &self.services {
+            svc.validate().map_err(invalid)?;
+            if !cgroups.insert(&svc.cgroup) {
+                return Err(invalid(format!(
+                    "services: cgroup `{}` is listed twice",
+                    svc.cgroup.display()
+                )));
+            }
+            if svc.oidc_client.is_some() && self.oidc.is_none() {
+                return Err(invalid(format!(
+                    "services: `{}` has an oidc_client but the configuration has no `oidc` section",
+                    svc.identity
+                )));
+            }
         }
         if self.agent_cgroup.as_os_str().is_empty()
             || self.agent_cgroup.is_absolute()

@@ -31,6 +31,7 @@ const USERS = {
   carol: { email: 'carol@example.com', email_verified: false, groups: ['readers'] },
 };
 const REDIRECT = 'http://127.0.0.1/callback';
+const SERVICE_GROUPS = { 'etl-bot': ['readers', 'services'] };
 const DEVICE_CODE = 'urn:ietf:params:oauth:grant-type:device_code';
 const CLIENTS = [
   {
@@ -39,6 +40,14 @@ const CLIENTS = [
     redirect_uris: [REDIRECT],
     grant_types: ['authorization_code', 'refresh_token', DEVICE_CODE],
     response_types: ['code'],
+  },
+  {
+    // A service agent: client credentials, groups in its JWT access tokens.
+    client_id: 'etl-bot',
+    client_secret: 'etl-bot-secret',
+    grant_types: ['client_credentials'],
+    redirect_uris: [],
+    response_types: [],
   },
   {
     client_id: 'other-app',
@@ -68,7 +77,20 @@ async function serve(port, jwksFile) {
     claims: { openid: ['sub'], email: ['email', 'email_verified'], groups: ['groups'] },
     // Put the scopes' claims in the ID token itself (the daemon sees only the ID token).
     conformIdTokenClaims: false,
-    features: { devInteractions: { enabled: true }, deviceFlow: { enabled: true } },
+    features: {
+      devInteractions: { enabled: true },
+      deviceFlow: { enabled: true },
+      clientCredentials: { enabled: true },
+      // Client-credentials tokens as JWTs (RFC 9068) for the audience chaperone checks.
+      resourceIndicators: {
+        enabled: true,
+        defaultResource: () => 'urn:chaperone',
+        useGrantedResource: () => true,
+        getResourceServerInfo: () => ({ scope: 'groups', audience: 'chaperone', accessTokenFormat: 'jwt', accessTokenTTL: ttl }),
+      },
+    },
+    extraTokenClaims: async (ctx, token) => (token.kind === 'ClientCredentials'
+      ? { groups: SERVICE_GROUPS[token.clientId] || [] } : undefined),
     pkce: { required: () => false },
     // Refresh tokens for the device login, which asks for offline_access.
     issueRefreshToken: async (ctx, client) => client.grantTypeAllowed('refresh_token'),

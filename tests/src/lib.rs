@@ -264,9 +264,15 @@ impl TestDaemon {
     }
 
     /// Start `args` as nobody directly inside a fresh cgroup of the agent tree (no binding),
-    /// stdin and stdout piped: as root can, without `chaperone run` or a daemon.
+    /// stdin, stdout and stderr piped: as root can, without `chaperone run` or a daemon.
     pub fn spawn_in_tree(&self, args: &[&str]) -> Child {
-        let cg = self.tree().join(format!("manual-{}", unique()));
+        self.spawn_in_cgroup(&format!("manual-{}", unique()), args)
+    }
+
+    /// [`TestDaemon::spawn_in_tree`] in the cgroup `name` below the tree root (created if
+    /// missing), as a container runtime or a systemd slice would place a service.
+    pub fn spawn_in_cgroup(&self, name: &str, args: &[&str]) -> Child {
+        let cg = self.tree().join(name);
         std::fs::create_dir_all(&cg).unwrap();
         Command::new("sh")
             .arg("-c")
@@ -275,6 +281,7 @@ impl TestDaemon {
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawning an agent in the tree")
     }
@@ -957,6 +964,26 @@ impl OidcProvider {
     /// A token with plausible claims signed by a key the provider never had.
     pub fn forged(&self, user: &str) -> String {
         self.node(&["forge", &self.issuer, user])
+    }
+
+    /// A client-credentials access token (a JWT, `typ: at+jwt`) for the service client
+    /// `etl-bot`, straight from the token endpoint.
+    pub fn service_access_token(&self) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-u",
+                "etl-bot:etl-bot-secret",
+                "-d",
+                "grant_type=client_credentials",
+                "-d",
+                "scope=groups",
+            ])
+            .arg(format!("{}/token", self.issuer))
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_str(&assert_ok(&out, "client credentials")).unwrap();
+        v["access_token"].as_str().unwrap().to_string()
     }
 
     /// Approve a device login (the code `chaperone run --login` printed) as `user`.

@@ -220,6 +220,13 @@ fn tokens_that_prove_nothing_are_refused_before_the_agent_starts() {
             vec![],
             "not a JWT ID token",
         ),
+        // An access token (at+jwt) for the right audience is not an identity proof.
+        (
+            "an access token",
+            e.op.service_access_token(),
+            vec![],
+            "JWT type",
+        ),
         (
             "another name",
             good.clone(),
@@ -252,7 +259,7 @@ fn tokens_that_prove_nothing_are_refused_before_the_agent_starts() {
         .into_iter()
         .filter(|a| a["audit"] == "bind_refused")
         .count();
-    assert_eq!(refused, 6);
+    assert_eq!(refused, 7, "{:#?}", e.d.audits());
     // And the good token works.
     assert_ok(&e.run_with_token(&good, &[], &touch), "alice's token");
     assert!(marker.exists());
@@ -397,6 +404,76 @@ fn a_device_login_binds_the_agent_and_refreshes_its_token() {
             .all(|s| s["agent"]["oidc"]["subject"] == "alice"),
         "{sessions:#?}"
     );
+}
+
+#[test]
+fn a_service_bound_by_config_gets_its_groups_from_a_client_credentials_token() {
+    if skip_unless_root("a_service_bound_by_config_gets_its_groups_from_a_client_credentials_token")
+    {
+        return;
+    }
+    let pg = Postgres::start();
+    let op = OidcProvider::start(600);
+    let secret = op.token_file("etl.secret", "etl-bot-secret");
+    let wrong = op.token_file("bad.secret", "not-the-secret");
+    let mut opts = pg.daemon_options_with_grants(GROUP_GRANTS);
+    opts.extra_yaml.push_str(&op.config_yaml());
+    opts.extra_yaml.push_str(&format!(
+        "services:\n  - {{cgroup: svc-etl, identity: etl-bot, oidc_client: {{client_id: etl-bot, secret_file: {}, scopes: [groups]}}}}\n  \
+         - {{cgroup: svc-bad, identity: bad-bot, oidc_client: {{client_id: etl-bot, secret_file: {}}}}}\n",
+        secret.display(),
+        wrong.display()
+    ));
+    let d = TestDaemon::start(opts);
+    let e = Env { pg, op, d };
+    let conn = e.conninfo();
+    let psql_in = |cgroup: &str| {
+        let child = e.d.spawn_in_cgroup(
+            cgroup,
+            &[
+                "/usr/bin/psql",
+                "-X",
+                "-A",
+                "-t",
+                &conn,
+                "-c",
+                "SELECT count(*) FROM users",
+            ],
+        );
+        child.wait_with_output().unwrap()
+    };
+    // The daemon fetches the service's token in the background: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !e.d.log().contains("service token obtained") {
+        assert!(std::time::Instant::now() < deadline, "{}", e.d.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let ok = psql_in("svc-etl");
+    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "3", "{ok:?}");
+    // A cgroup nobody bound is nobody: no grant applies.
+    let nobody = psql_in("svc-unlisted");
+    assert!(
+        stderr(&nobody).contains("an unidentified agent"),
+        "{nobody:?}"
+    );
+    // A service whose token cannot be had is refused at connect, saying why.
+    let bad = psql_in("svc-bad");
+    assert!(
+        stderr(&bad).contains("bad-bot has no valid identity token")
+            || stderr(&bad).contains("etl-bot has no valid identity token"),
+        "{bad:?}"
+    );
+    let sessions = e.d.wait_for_sessions(3);
+    let etl = sessions
+        .iter()
+        .find(|s| s["agent"]["name"] == "etl-bot")
+        .unwrap_or_else(|| panic!("{sessions:#?}"));
+    assert_eq!(
+        etl["agent"]["oidc"]["groups"],
+        serde_json::json!(["readers", "services"])
+    );
+    assert_eq!(etl["agent"]["oidc"]["subject"], "etl-bot");
+    assert_eq!(etl["statements_allowed"], 1);
 }
 
 fn base64url_decode(s: &str) -> Vec<u8> {

@@ -11,6 +11,7 @@
 //! It must not decide anything: policy gets the [`AgentId`] as plain data.
 
 pub mod oidc;
+pub mod services;
 
 use serde::{Deserialize, Serialize};
 use std::{
@@ -328,17 +329,21 @@ fn find_by_inode(dir: &Path, ino: u64) -> Option<PathBuf> {
 }
 
 /// Resolves cgroup ids to agents, remembering answers: cgroup ids are not reused, and walking
-/// the tree on every connection would put directory reads on the accept path.
+/// the tree on every connection would put directory reads on the accept path. A cgroup with no
+/// binding of its own may be a configured service (`services`), whose token claims are filled
+/// in fresh on every lookup.
 #[derive(Debug)]
 pub struct AgentResolver {
     tree: AgentTree,
-    cache: Mutex<HashMap<u64, AgentId>>,
+    services: std::sync::Arc<services::Services>,
+    cache: Mutex<HashMap<u64, (AgentId, Option<usize>)>>,
 }
 
 impl AgentResolver {
-    pub fn new(tree: AgentTree) -> Self {
+    pub fn new(tree: AgentTree, services: std::sync::Arc<services::Services>) -> Self {
         Self {
             tree,
+            services,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -353,12 +358,30 @@ impl AgentResolver {
     }
 
     pub fn resolve(&self, cgroup_id: u64) -> Option<AgentId> {
-        if let Some(hit) = self.cache.lock().unwrap().get(&cgroup_id) {
-            return Some(hit.clone());
+        let hit = self.cache.lock().unwrap().get(&cgroup_id).cloned();
+        let (mut agent, service) = match hit {
+            Some(hit) => hit,
+            None => {
+                let mut found = self.tree.find(cgroup_id)?;
+                let service = if found.name.is_none() {
+                    self.services.lookup(&found.cgroup)
+                } else {
+                    None
+                };
+                if let Some(i) = service {
+                    found.name = Some(self.services.identity(i).to_string());
+                }
+                self.cache
+                    .lock()
+                    .unwrap()
+                    .insert(cgroup_id, (found.clone(), service));
+                (found, service)
+            }
+        };
+        if let Some(i) = service {
+            agent.oidc = self.services.vouched(i);
         }
-        let found = self.tree.find(cgroup_id)?;
-        self.cache.lock().unwrap().insert(cgroup_id, found.clone());
-        Some(found)
+        Some(agent)
     }
 }
 

@@ -145,6 +145,15 @@ impl AdditionalClaims for Extra {}
 type Token =
     IdToken<Extra, CoreGenderClaim, CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm>;
 
+/// Which kind of JWT is expected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenKind {
+    /// An OpenID Connect ID token (`typ` JWT or absent).
+    Id,
+    /// An OAuth 2.0 JWT access token (RFC 9068, `typ` at+jwt).
+    Access,
+}
+
 /// The issuer's key set and when it was fetched.
 struct Keys {
     metadata: CoreProviderMetadata,
@@ -178,8 +187,54 @@ impl Verifier {
         &self.config
     }
 
-    /// Verify `token` and return what it vouches for.
+    /// Verify an ID token and return what it vouches for.
     pub async fn verify(&self, token: &str) -> Result<Vouched, OidcError> {
+        self.verify_as(token, TokenKind::Id).await
+    }
+
+    /// Get a client-credentials access token for a service agent (`client_id`, `secret`) and
+    /// verify it: a JWT access token (RFC 9068, `typ: at+jwt`) for this audience, whose groups
+    /// claim gives the service's groups.
+    pub async fn service_token(
+        &self,
+        client_id: &str,
+        secret: &str,
+        scopes: &[String],
+    ) -> Result<Vouched, OidcError> {
+        use openidconnect::{ClientSecret, OAuth2TokenResponse as _, Scope, core::CoreClient};
+        let metadata = {
+            let mut keys = self.keys.lock().await;
+            if keys.is_none() {
+                *keys = Some(self.discover().await?);
+            }
+            keys.as_ref().expect("set above").metadata.clone()
+        };
+        let issuer_err = |message: String| OidcError::Issuer {
+            issuer: self.config.issuer.clone(),
+            message,
+        };
+        let client = CoreClient::from_provider_metadata(
+            metadata,
+            ClientId::new(client_id.to_string()),
+            Some(ClientSecret::new(secret.to_string())),
+        );
+        let response = client
+            .exchange_client_credentials()
+            .map_err(|e| issuer_err(e.to_string()))?
+            .add_scopes(scopes.iter().map(|s| Scope::new(s.clone())))
+            .request_async(&self.http)
+            .await
+            .map_err(|e| {
+                issuer_err(format!(
+                    "client credentials for {client_id}: {}",
+                    error_chain(&e)
+                ))
+            })?;
+        self.verify_as(response.access_token().secret(), TokenKind::Access)
+            .await
+    }
+
+    async fn verify_as(&self, token: &str, kind: TokenKind) -> Result<Vouched, OidcError> {
         let token: Token = token
             .trim()
             .parse()
@@ -188,7 +243,7 @@ impl Verifier {
         if keys.is_none() {
             *keys = Some(self.discover().await?);
         }
-        let first = self.check(&token, keys.as_ref().expect("set above"));
+        let first = self.check(&token, keys.as_ref().expect("set above"), kind);
         let outcome = match first {
             Err(openidconnect::ClaimsVerificationError::SignatureVerification(
                 SignatureVerificationError::NoMatchingKey,
@@ -199,7 +254,7 @@ impl Verifier {
                 // Maybe the issuer rotated its keys: fetch them again, once.
                 tracing::info!(issuer = %self.config.issuer, "token signed with an unknown key; fetching the issuer's keys again");
                 *keys = Some(self.discover().await?);
-                self.check(&token, keys.as_ref().expect("set above"))
+                self.check(&token, keys.as_ref().expect("set above"), kind)
             }
             other => other,
         };
@@ -258,6 +313,7 @@ impl Verifier {
         &self,
         token: &'t Token,
         keys: &Keys,
+        kind: TokenKind,
     ) -> Result<
         &'t openidconnect::IdTokenClaims<Extra, CoreGenderClaim>,
         openidconnect::ClaimsVerificationError,
@@ -270,6 +326,18 @@ impl Verifier {
         .set_allowed_algs(self.config.algorithms.iter().cloned())
         // A token for us and someone else is a token someone else may replay here.
         .set_other_audience_verifier_fn(|_| false);
+        // Each kind only as itself: an access token must never pass as an ID token (its
+        // holder is whoever it was handed to, not the subject it names), nor the reverse.
+        let verifier = match kind {
+            TokenKind::Id => verifier,
+            TokenKind::Access => {
+                verifier.set_allowed_jose_types([openidconnect::JsonWebTokenType::new(
+                    "at+jwt".into(),
+                )
+                .normalize()
+                .expect("a valid media type")])
+            }
+        };
         // No nonce: the daemon did not start the login; the token is bound by audience.
         token.claims(&verifier, |_: Option<&openidconnect::Nonce>| Ok(()))
     }

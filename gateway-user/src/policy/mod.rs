@@ -203,14 +203,22 @@ fn expired_token(subject: &Subject<'_>) -> Option<Decision> {
     if now_ms < vouched.expires_at_ms {
         return None;
     }
-    let expired = i64::try_from(vouched.expires_at_ms)
-        .ok()
-        .and_then(DateTime::from_timestamp_millis)
-        .map_or_else(|| "?".to_string(), |t| t.to_rfc3339());
-    let rule = format!(
-        "the identity token of {} expired at {expired}; refresh it or start the agent again",
-        vouched.subject
-    );
+    let rule = if vouched.expires_at_ms == 0 {
+        // A service whose token the daemon has not been able to obtain.
+        format!(
+            "{} has no valid identity token (the daemon could not obtain one; see its log)",
+            vouched.subject
+        )
+    } else {
+        let expired = i64::try_from(vouched.expires_at_ms)
+            .ok()
+            .and_then(DateTime::from_timestamp_millis)
+            .map_or_else(|| "?".to_string(), |t| t.to_rfc3339());
+        format!(
+            "the identity token of {} expired at {expired}; refresh it or start the agent again",
+            vouched.subject
+        )
+    };
     Some(Decision {
         verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
         rule,
