@@ -326,9 +326,12 @@ fn an_agent_cannot_start_agents_or_leave_its_cgroup() {
     let e = env(600);
     let token = e.op.token_file("alice", &e.op.token("alice", "chaperone"));
     let root = e.d.tree();
+    // Another agent (bob's, a reader too) to try to move into.
+    let mut other = e.d.spawn_in_cgroup("other-agent", &["sleep", "30"]);
     let script = format!(
         "{bin} --config {cfg} run --token-file {tok} -- true; echo rc=$?; \
          echo $$ > {root}/cgroup.procs 2>/dev/null && echo left || echo stayed; \
+         echo $$ > {root}/other-agent/cgroup.procs 2>/dev/null && echo joined || echo kept-out; \
          cat /proc/self/cgroup",
         bin = chaperone_bin().display(),
         cfg = e.d.config.display(),
@@ -344,6 +347,9 @@ fn an_agent_cannot_start_agents_or_leave_its_cgroup() {
     );
     assert!(stdout.contains("rc=2"), "{stdout}");
     assert!(stdout.contains("stayed"), "{stdout}");
+    assert!(stdout.contains("kept-out"), "{stdout}");
+    let _ = other.kill();
+    let _ = other.wait();
     let tree = root.file_name().unwrap().to_str().unwrap();
     assert!(stdout.contains(&format!("{tree}/run-")), "{stdout}");
 }
