@@ -394,6 +394,13 @@ impl Config {
             ));
         }
         for (i, g) in self.grants.iter().enumerate() {
+            if let Some(m) = &g.masking {
+                let at = g
+                    .source
+                    .as_ref()
+                    .map_or(format!("grants[{i}]"), |s| s.to_string());
+                m.check().map_err(|e| invalid(format!("{at}: {e}")))?;
+            }
             if !names.contains(g.target.as_str()) {
                 let at = g
                     .source

@@ -10,6 +10,9 @@
 //!     expires: 2026-12-31             # optional: stops applying at the end of that day (UTC),
 //!                                     # or at an RFC 3339 instant
 //!     review_by: 2026-12-01           # optional: when an access review is due
+//!     masking:                        # optional: masking for what this grant lets the agent
+//!       rules: [{columns: ["public.users.email"], method: token}]   # read; before the
+//!       allow: ["*@example.com"]      # configuration's own `masking` rules
 //!     effect: allow                   # allow | deny | review
 //!     sql:
 //!       classes: [read, session, transaction]
@@ -79,6 +82,10 @@ pub struct Grant {
     pub expires: Option<DateTime<Utc>>,
     /// When the grant's next access review is due (reported, not enforced).
     pub review_by: Option<DateTime<Utc>>,
+    /// Masking rules for results of sessions this grant applies to, tried before the
+    /// configuration's `masking` rules (first match wins), so they can be stricter or, with
+    /// `keep`, more lenient for this audience.
+    pub masking: Option<crate::mask::MaskRules>,
     /// Where it was written.
     pub source: Option<GrantSource>,
 }
@@ -119,6 +126,8 @@ struct RawGrant {
     expires: Option<DateTime<Utc>>,
     #[serde(default, deserialize_with = "instant")]
     review_by: Option<DateTime<Utc>>,
+    #[serde(default)]
+    masking: Option<crate::mask::MaskRules>,
 }
 
 impl TryFrom<RawGrant> for Grant {
@@ -144,6 +153,7 @@ impl TryFrom<RawGrant> for Grant {
             sql: r.sql,
             expires: r.expires,
             review_by: r.review_by,
+            masking: r.masking,
             source: None,
         })
     }

@@ -96,6 +96,8 @@ impl PolicyStore {
 pub struct Policy {
     pub unlisted: Unlisted,
     pub grants: Vec<Grant>,
+    /// The configuration's own masking rules: after any grant's.
+    pub masking: crate::mask::MaskRules,
 }
 
 impl Policy {
@@ -103,7 +105,33 @@ impl Policy {
         Self {
             unlisted: config.unlisted,
             grants: config.grants.clone(),
+            masking: config.masking.clone(),
         }
+    }
+
+    /// The masking rules for `subject`'s results on `target`: those of every allow or review
+    /// grant that applies, in file order, then the configuration's. Returns the indexes of the
+    /// grants that contributed (a key for caching what is built from them) and the rules.
+    pub fn masking_for(
+        &self,
+        subject: &Subject<'_>,
+        target: &str,
+    ) -> (Vec<usize>, crate::mask::MaskRules) {
+        let mut from = Vec::new();
+        let mut rules = crate::mask::MaskRules::default();
+        for (i, g) in self.grants.iter().enumerate() {
+            if g.effect == Effect::Deny || !g.applies(subject.agent, target, subject.now) {
+                continue;
+            }
+            if let Some(m) = &g.masking {
+                from.push(i);
+                rules.rules.extend(m.rules.iter().cloned());
+                rules.allow.extend(m.allow.iter().cloned());
+            }
+        }
+        rules.rules.extend(self.masking.rules.iter().cloned());
+        rules.allow.extend(self.masking.allow.iter().cloned());
+        (from, rules)
     }
 
     /// Whether every statement `subject` may run on `target` is read-only (no grant allows a
@@ -293,6 +321,7 @@ mod tests {
                 &Policy {
                     unlisted,
                     grants: vec![],
+                    masking: Default::default(),
                 },
                 &subject,
                 &Action::Connect { dst, target },
@@ -373,6 +402,48 @@ mod tests {
     }
 
     #[test]
+    fn masking_comes_from_the_grants_that_apply_then_the_configuration() {
+        let cfg = crate::config::Config::parse(
+            "targets: [{name: t, protocol: tcp, address: 127.0.0.1, port: 1}, {name: other, protocol: tcp, address: 127.0.0.1, port: 2}]\n\
+             masking: {rules: [{name: global, kinds: [email]}]}\n\
+             grants:\n\
+             - {group: hr, target: t, effect: allow, masking: {rules: [{name: hr-keep, kinds: [email], method: keep}], allow: ['x']}}\n\
+             - {group: all, target: t, effect: allow}\n\
+             - {group: all, target: t, effect: deny, masking: {rules: [{name: ignored, kinds: [card]}]}}\n\
+             - {group: hr, target: other, effect: allow, masking: {rules: [{name: elsewhere, kinds: [card]}]}}\n",
+            "m.yaml",
+        )
+        .unwrap();
+        let policy = Policy::from_config(&cfg);
+        let agent = |groups: &[&str]| {
+            let mut a = AgentId::named("a");
+            a.oidc = Some(crate::identity::Vouched {
+                issuer: "i".into(),
+                subject: "a".into(),
+                email: None,
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                expires_at_ms: u64::MAX,
+            });
+            a
+        };
+        let names = |groups: &[&str]| {
+            let a = agent(groups);
+            let (from, rules) = policy.masking_for(&Subject::now(Some(&a)), "t");
+            let names: Vec<String> = rules.rules.iter().filter_map(|r| r.name.clone()).collect();
+            (from, names, rules.allow)
+        };
+        assert_eq!(
+            names(&["hr", "all"]),
+            (
+                vec![0],
+                vec!["hr-keep".into(), "global".into()],
+                vec!["x".to_string()]
+            )
+        );
+        assert_eq!(names(&["all"]), (vec![], vec!["global".into()], vec![]));
+    }
+
+    #[test]
     fn deny_overrides_review_overrides_allow() {
         use crate::protocols::postgres::classify::classify;
         let grant = |effect: &str, classes: &str| -> Grant {
@@ -387,6 +458,7 @@ mod tests {
             let p = Policy {
                 unlisted: Unlisted::Deny,
                 grants,
+                masking: Default::default(),
             };
             evaluate(
                 &p,
@@ -448,6 +520,7 @@ mod tests {
         let p = Policy {
             unlisted: Unlisted::Deny,
             grants: vec![grant("allow", "read")],
+            masking: Default::default(),
         };
         let c = classify("SELECT 1").unwrap();
         assert!(

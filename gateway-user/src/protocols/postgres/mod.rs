@@ -767,6 +767,7 @@ mod tests {
         let policy = PolicyStore::new(crate::policy::Policy {
             unlisted: crate::config::Unlisted::Deny,
             grants: vec![],
+            masking: Default::default(),
         });
         let shared = Shared::default();
         let s = Session {
