@@ -440,6 +440,9 @@ async fn watch_config(inputs: Arc<Inputs>) {
     };
     let path = inputs.config.path.clone();
     let mut seen = path.as_deref().map(files_state);
+    // A change is acted on once the files have stayed the same for a whole poll: a file being
+    // written is never read half-way (a cut file can be a valid, wider policy).
+    let mut pending = None;
     let mut tick = tokio::time::interval(CONFIG_POLL);
     loop {
         let trigger = tokio::select! {
@@ -447,9 +450,15 @@ async fn watch_config(inputs: Arc<Inputs>) {
             _ = tick.tick() => {
                 let now = path.as_deref().map(files_state);
                 if now == seen {
+                    pending = None;
+                    continue;
+                }
+                if pending.as_ref() != Some(&now) {
+                    pending = Some(now);
                     continue;
                 }
                 seen = now;
+                pending = None;
                 "file change"
             }
         };
@@ -457,21 +466,31 @@ async fn watch_config(inputs: Arc<Inputs>) {
             info!("SIGHUP: running on the embedded default configuration; nothing to reload");
             continue;
         };
-        let loaded = tokio::task::spawn_blocking(move || Config::load(Some(&path))).await;
+        let before = files_state(&path);
+        let loaded = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Config::load_trusted(&path)).await
+        };
+        if files_state(&path) != before {
+            // Changed while being read: the next polls will pick up the settled version.
+            seen = Some(before);
+            continue;
+        }
         let audit = match loaded {
+            Ok(Ok(cfg)) if targets_of(&cfg) != targets_of(&inputs.config) => {
+                let error = "targets changed: restart the daemon to apply them; until then the \
+                             policy in force stays (new grants must not meet old targets)"
+                    .to_string();
+                error!(trigger, "policy reload refused: {error}");
+                AuditEvent::PolicyReloadFailed {
+                    trigger: trigger.into(),
+                    error,
+                }
+            }
             Ok(Ok(cfg)) => {
                 let policy = Policy::from_config(&cfg);
                 let grants = policy.grants.len();
                 inputs.policy.replace(policy);
-                let targets = |c: &Config| {
-                    c.targets
-                        .iter()
-                        .map(|t| (t.name.clone(), t.address, t.port))
-                        .collect::<Vec<_>>()
-                };
-                if targets(&cfg) != targets(&inputs.config) {
-                    warn!("targets changed: they take effect when the daemon restarts");
-                }
                 info!(trigger, grants, "policy reloaded");
                 AuditEvent::PolicyReloaded {
                     trigger: trigger.into(),
@@ -497,8 +516,16 @@ async fn watch_config(inputs: Arc<Inputs>) {
     }
 }
 
+/// Everything about the targets, to compare two configurations' (a target's definition cannot
+/// change under live sessions).
+fn targets_of(c: &Config) -> serde_json::Value {
+    serde_json::to_value(&c.targets).unwrap_or_default()
+}
+
 /// Name, length and modification time of the configuration's files: what changing one changes.
-fn files_state(path: &std::path::Path) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+type FileState = (PathBuf, u64, u64, Option<std::time::SystemTime>);
+
+fn files_state(path: &std::path::Path) -> Vec<FileState> {
     let entries: Vec<PathBuf> = if path.is_dir() {
         std::fs::read_dir(path)
             .map(|d| d.flatten().map(|e| e.path()).collect())
@@ -509,10 +536,11 @@ fn files_state(path: &std::path::Path) -> Vec<(PathBuf, u64, Option<std::time::S
     let mut state: Vec<_> = entries
         .into_iter()
         .map(|p| {
+            use std::os::unix::fs::MetadataExt as _;
             let m = std::fs::metadata(&p).ok();
-            let len = m.as_ref().map_or(0, |m| m.len());
+            let (len, ino) = m.as_ref().map_or((0, 0), |m| (m.len(), m.ino()));
             let mtime = m.and_then(|m| m.modified().ok());
-            (p, len, mtime)
+            (p, ino, len, mtime)
         })
         .collect();
     state.sort();

@@ -42,6 +42,10 @@ pub enum ConfigError {
     Invalid { path: String, message: String },
     #[error("{path}: no *.yaml files in this directory")]
     EmptyDir { path: String },
+    #[error(
+        "{path}: {problem}; the daemon reads policy only from files and directories that root owns and only root can write"
+    )]
+    Untrusted { path: String, problem: String },
 }
 
 /// A YAML file that does not parse, with where.
@@ -294,19 +298,23 @@ impl Config {
         Ok(cfg)
     }
 
+    /// [`Config::load`] for the daemon: the file, or the directory and each of its files, must
+    /// belong to root and be writable by no one else (whoever can write them can change the
+    /// policy, the issuer and where the daemon pins and writes).
+    pub fn load_trusted(path: &Path) -> Result<Self, ConfigError> {
+        check_trusted(path)?;
+        if path.is_dir() {
+            for f in config_files(path)? {
+                check_trusted(&f)?;
+            }
+        }
+        Self::load(Some(path))
+    }
+
     /// Every `*.yaml`/`*.yml` file of `dir`, in name order, merged.
     fn load_dir(dir: &Path) -> Result<Self, ConfigError> {
         let display = dir.display().to_string();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|source| ConfigError::Read {
-                path: display.clone(),
-                source,
-            })?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-            .collect();
-        files.sort();
+        let files = config_files(dir)?;
         if files.is_empty() {
             return Err(ConfigError::EmptyDir { path: display });
         }
@@ -488,6 +496,51 @@ impl Config {
     pub fn status_file(&self) -> PathBuf {
         self.state_dir.join("daemon.json")
     }
+}
+
+/// The `*.yaml`/`*.yml` files of `dir` (not dotfiles: editors' and tools' temporary files), in
+/// name order.
+fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| ConfigError::Read {
+            path: dir.display().to_string(),
+            source,
+        })?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && p.extension().is_some_and(|e| e == "yaml" || e == "yml")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Owned by root, not writable by group or others (symlinks followed: what is read counts).
+fn check_trusted(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let untrusted = |problem: String| ConfigError::Untrusted {
+        path: path.display().to_string(),
+        problem,
+    };
+    let m = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    if m.uid() != 0 {
+        return Err(untrusted(format!("owned by uid {}, not root", m.uid())));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Err(untrusted(format!(
+            "writable by group or others (mode {:o})",
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {

@@ -170,7 +170,7 @@ fn agents_in_different_groups_get_different_verdicts_on_the_same_statement() {
     assert!(
         sessions
             .iter()
-            .any(|s| s["agent"]["name"] == "carol" && s["agent"]["oidc"].get("email").is_none()),
+            .any(|s| s["agent"]["name"] == "sub:carol" && s["agent"]["oidc"].get("email").is_none()),
         "{sessions:#?}"
     );
     let bound = e

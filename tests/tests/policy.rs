@@ -354,3 +354,86 @@ fn explain_and_check_work_offline_for_names_and_groups() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Grants that name a raw TCP target decide who may connect to it (deny wins, no applying
+/// grant: refused); the decision is recorded.
+#[test]
+fn grants_on_a_tcp_target_decide_who_connects() {
+    if skip_unless_root("grants_on_a_tcp_target_decide_who_connects") {
+        return;
+    }
+    let echo = chaperone_tests::EchoServer::start("127.0.0.1:0");
+    let port = echo.addr.port();
+    let d = TestDaemon::start(chaperone_tests::DaemonOptions {
+        targets: vec![("echo".into(), "127.0.0.1".into(), port)],
+        extra_yaml: "grants:\n  - {identity: alice, target: echo, effect: allow}\n  \
+                     - {identity: mallory, target: echo, effect: allow}\n  \
+                     - {name: no-mallory, identity: mallory, target: echo, effect: deny}\n"
+            .into(),
+        ..Default::default()
+    });
+    let probe = format!(
+        "import socket\ntry:\n    s = socket.create_connection(('127.0.0.1', {port}), timeout=10)\n    \
+         s.sendall(b'hi')\n    print(s.recv(2) == b'hi')\nexcept OSError as e:\n    print(type(e).__name__)\n"
+    );
+    let run = |who: &str| {
+        let out = d.run_agent(who, &["python3", "-c", &probe]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(run("alice"), "True");
+    assert_ne!(run("bob"), "True", "no grant applies to bob");
+    assert_ne!(run("mallory"), "True", "deny wins");
+    assert_eq!(echo.accepted(), 1, "only alice reached the server");
+    let sessions = d.wait_for_sessions(3);
+    let reason = |who: &str| {
+        sessions
+            .iter()
+            .find(|s| s["agent"]["name"] == who)
+            .map(|s| (s["verdict"].clone(), s["reason"].clone()))
+            .unwrap_or_else(|| panic!("{who}: {sessions:#?}"))
+    };
+    assert_eq!(reason("bob").0, "deny");
+    assert!(
+        reason("bob")
+            .1
+            .as_str()
+            .unwrap()
+            .contains("no grant allows bob"),
+        "{:?}",
+        reason("bob")
+    );
+    assert_eq!(reason("mallory").1, "no-mallory");
+}
+
+/// The daemon reads policy only from root's files that only root can write, and refuses a
+/// reload that would change targets under live sessions.
+#[test]
+fn untrusted_configuration_files_and_target_changes_on_reload_are_refused() {
+    if skip_unless_root("untrusted_configuration_files_and_target_changes_on_reload_are_refused") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mut d = TestDaemon::start(chaperone_tests::DaemonOptions {
+        targets: vec![("web".into(), "127.0.0.1".into(), 9)],
+        ..Default::default()
+    });
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    replace_file(&d.config, &text.replace("port: 9}", "port: 10}"));
+    let failed = d.wait_for_audits("policy_reload_failed", 1);
+    assert_eq!(failed.len(), 1, "{}", d.log());
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("targets changed"),
+        "{failed:?}"
+    );
+    d.stop();
+
+    std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o664)).unwrap();
+    let out = d.cmd().arg("daemon").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("writable by group or others"), "{err}");
+    std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+}

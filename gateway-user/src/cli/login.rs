@@ -118,13 +118,14 @@ impl Login {
                 .request_async(&self.http)
                 .await
                 .map_err(|e| anyhow!("starting the device login: {}", error_chain(&e)))?;
+            // The issuer's strings go to a terminal: no control characters from it.
             eprintln!(
                 "chaperone: to start this agent, open {} and enter the code {}",
-                details.verification_uri().as_str(),
-                details.user_code().secret()
+                printable(details.verification_uri().as_str()),
+                printable(details.user_code().secret())
             );
             if let Some(complete) = details.verification_uri_complete() {
-                eprintln!("chaperone: (or open {})", complete.secret());
+                eprintln!("chaperone: (or open {})", printable(complete.secret()));
             }
             let response = client
                 .exchange_device_access_token(&details)?
@@ -150,6 +151,10 @@ impl Login {
             tokens(response)
         })
     }
+}
+
+fn printable(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).collect()
 }
 
 fn tokens(response: CoreTokenResponse) -> anyhow::Result<Tokens> {

@@ -178,6 +178,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Daemon(args) if args.uninstall => uninstall(&config, args.force, cli.json),
         Command::Daemon(_) => {
+            // The daemon trusts its configuration with everything: root's files only.
+            let config = match &config.path {
+                Some(path) => Config::load_trusted(path)?,
+                None => config,
+            };
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = std::env::var("CHAPERONE_WORKERS")
                 .ok()

@@ -5,9 +5,12 @@
 //! if one is given, creates the agent's cgroup, labels it with the identity, asks the kernel
 //! whether the programs are in effect there, and moves the child in. Only then is the child told
 //! to go on: it marks every inherited descriptor close-on-exec (a socket opened outside the tree
-//! would not be intercepted), drops to an unprivileged user and sets no-new-privileges, and
-//! execs; so its very first instruction already runs intercepted, and it cannot climb back out.
-//! This process itself stays outside the tree and only waits.
+//! would not be intercepted), drops to an unprivileged user, sets no-new-privileges (always:
+//! even an agent of an unprivileged caller must not regain privileges through sudo or pkexec),
+//! starts a session of its own (no controlling terminal to borrow a sudo ticket or inject
+//! input through), and execs; so its very first instruction already runs intercepted, and it
+//! cannot climb back out. This process stays outside the tree, not dumpable, and only waits,
+//! forwarding signals to the agent's process group.
 
 use super::{
     RunArgs,
@@ -57,12 +60,6 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
     }
     let account = account.map(|a| (a.uid, a.gid));
     let (go_read, go_write) = pipe()?;
-    // Terminal signals go to the whole foreground group; the agent decides, we wait for it.
-    // SAFETY: setting dispositions; restored to default in the child.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
-    }
     // Fork first, while this process is still single-threaded (the login below starts an HTTP
     // client), so the child may run ordinary code until it execs.
     // SAFETY: see above.
@@ -75,8 +72,12 @@ pub fn run(config: &Config, args: &RunArgs) -> anyhow::Result<i32> {
         unsafe { libc::close(go_write) };
         child(go_read, account, &mut cmd, program);
     }
-    // SAFETY: the parent keeps only the write end.
-    unsafe { libc::close(go_read) };
+    // SAFETY: the parent keeps only the write end. Not dumpable: the agent may run as the same
+    // user, and must not ptrace this process (outside the tree, holding the refresh token).
+    unsafe {
+        libc::close(go_read);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
     let abandon = || {
         // SAFETY: our own child, still waiting on the pipe; closing it makes it exit.
         unsafe {
@@ -232,8 +233,21 @@ fn child(
         if let Some((uid, gid)) = account {
             drop_privileges(uid, gid)?;
         }
-        // SAFETY: restoring default dispositions.
+        let check = |rc: libc::c_int| {
+            if rc >= 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        // SAFETY: plain process-attribute syscalls in the child before exec.
         unsafe {
+            // Always, whoever runs us: no setuid binary (sudo, pkexec) can hand the agent
+            // privileges back, root's or anyone's.
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+            // A session of its own, without the invoking terminal as controlling terminal: no
+            // tty-bound sudo ticket to reuse, no TIOCSTI into the user's shell. stdio stay.
+            check(libc::setsid())?;
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGQUIT, libc::SIG_DFL);
         }
@@ -399,8 +413,6 @@ fn drop_privileges(uid: libc::uid_t, gid: libc::gid_t) -> std::io::Result<()> {
         check(libc::setgroups(0, std::ptr::null()))?;
         check(libc::setgid(gid))?;
         check(libc::setuid(uid))?;
-        // No setuid binary can hand the agent its privileges back.
-        check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
     }
     Ok(())
 }
@@ -410,15 +422,23 @@ static CHILD: AtomicI32 = AtomicI32::new(0);
 extern "C" fn forward(sig: libc::c_int) {
     let pid = CHILD.load(Ordering::Relaxed);
     if pid > 0 {
-        // SAFETY: kill is async-signal-safe.
-        unsafe { libc::kill(pid, sig) };
+        // SAFETY: kill is async-signal-safe. The agent leads its own process group (setsid):
+        // the group first, as a terminal would signal it; the process if the group is not
+        // there yet.
+        unsafe {
+            if libc::kill(-pid, sig) != 0 {
+                libc::kill(pid, sig);
+            }
+        }
     }
 }
 
-/// SIGTERM and SIGHUP sent to `chaperone run` (a supervisor stopping it) reach the agent.
+/// Signals sent to `chaperone run` reach the agent's process group: SIGTERM and SIGHUP (a
+/// supervisor stopping it), and SIGINT and SIGQUIT from the terminal (the agent runs in a
+/// session of its own, so the terminal no longer signals it directly).
 fn forward_signals_to(pid: i32) {
     CHILD.store(pid, Ordering::Relaxed);
-    for sig in [libc::SIGTERM, libc::SIGHUP] {
+    for sig in [libc::SIGTERM, libc::SIGHUP, libc::SIGINT, libc::SIGQUIT] {
         // SAFETY: installing a handler that only calls kill.
         unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
     }

@@ -21,7 +21,7 @@
 
 use crate::{
     app::Inputs,
-    identity::{AgentId, Binding, IdentityError, Vouched},
+    identity::{AgentId, Binding, Vouched},
     record::{AuditEvent, SessionEvent, now_ms},
 };
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,8 @@ use tracing::{info, warn};
 pub const RUN_DIR: &str = "/run/chaperone";
 /// A request line longer than this is refused (a token is a few KiB at most).
 const MAX_REQUEST: usize = 64 * 1024;
+/// Control requests served at once; more are refused.
+const MAX_CONCURRENT: usize = 64;
 /// How long a caller may take to send its request, and the client to wait for an answer.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -163,14 +165,22 @@ pub fn bind(pin_dir: &Path) -> Result<UnixListener, ControlError> {
 
 /// Serve control requests until the task is dropped.
 pub async fn serve(listener: UnixListener, inputs: Arc<Inputs>) {
+    // Each open request holds an fd for up to IO_TIMEOUT: bound them, so a local user cannot
+    // exhaust the daemon's descriptors (and with them the proxy's accepts).
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    warn!("too many control requests at once; refusing one");
+                    continue;
+                };
                 let inputs = inputs.clone();
                 tokio::spawn(async move {
                     if let Err(e) = answer(stream, &inputs).await {
                         warn!(error = %e, "control connection failed");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -226,6 +236,8 @@ fn refused_on_error<T>(
     match outcome {
         Ok(v) => ok(v),
         Err(message) => {
+            // Callers choose some of what is echoed (a cgroup name): keep log lines bounded.
+            let message = truncate(message, 300);
             warn!(uid = caller.uid, caller_pid = ?caller.pid, pid, %message, "control request refused");
             inputs.sink.record(&SessionEvent::Audit {
                 at_ms: now_ms(),
@@ -240,6 +252,18 @@ fn refused_on_error<T>(
     }
 }
 
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
 /// Put a fresh token on an agent: same issuer and subject as the one it was bound with.
 async fn refresh_agent(
     inputs: &Inputs,
@@ -248,14 +272,7 @@ async fn refresh_agent(
     token: &str,
 ) -> Result<AgentId, String> {
     let tree = inputs.agents.tree();
-    let caller_pid = caller
-        .pid
-        .ok_or("the caller's process id is unknown (SO_PEERCRED)")?;
-    if tree.contains_pid(caller_pid) {
-        return Err(
-            "agents cannot refresh identities: the caller runs inside the agent tree".into(),
-        );
-    }
+    caller_outside_tree(inputs, caller, "refresh identities")?;
     let cg = tree
         .agent_cgroup(cgroup)
         .ok_or_else(|| format!("no agent cgroup `{cgroup}`"))?;
@@ -271,6 +288,12 @@ async fn refresh_agent(
         .as_ref()
         .ok_or("this daemon has no `oidc` section in its configuration")?;
     let fresh = verifier.verify(token).await.map_err(|e| e.to_string())?;
+    if fresh.expires_at_ms < current.1.expires_at_ms {
+        // An older token (maybe with groups since removed) must not come back.
+        return Err(
+            "the new token expires before the one bound now: refusing an older token".into(),
+        );
+    }
     if fresh.issuer != current.1.issuer || fresh.subject != current.1.subject {
         return Err(format!(
             "the new token is for {} at {}, not {} at {}",
@@ -288,6 +311,7 @@ async fn refresh_agent(
         name: Some(binding.name),
         cgroup: cgroup.to_string(),
         oidc: binding.oidc,
+        binding_error: None,
     })
 }
 
@@ -306,16 +330,11 @@ async fn bind_agent(
     token: Option<String>,
 ) -> Result<(String, AgentId), String> {
     let tree = inputs.agents.tree();
-    let caller_pid = caller
-        .pid
-        .ok_or("the caller's process id is unknown (SO_PEERCRED)")?;
-    if tree.contains_pid(caller_pid) {
-        return Err("agents cannot start agents: the caller runs inside the agent tree".into());
-    }
+    let caller_pid = caller_outside_tree(inputs, caller, "start agents")?;
+    // Pin the process now: a pidfd names this process and no other, whatever later happens to
+    // its pid. The checks on it run again right before it is moved.
+    let pinned = PidFd::open(pid).map_err(|_| format!("process {pid} does not exist"))?;
     check_child(caller, caller_pid, pid)?;
-    if tree.contains_pid(pid) {
-        return Err(format!("process {pid} already runs inside the agent tree"));
-    }
     let oidc = match (&token, &inputs.oidc) {
         (Some(_), None) => {
             return Err(
@@ -344,7 +363,7 @@ async fn bind_agent(
         .map_err(|e| e.to_string())?;
     let placed = crate::redirect::verify_attached(&inputs.config.pin_dir, cgroup.path())
         .map_err(|e| format!("{e}; refusing to run an agent unintercepted"))
-        .and_then(|()| cgroup.adopt(pid).map_err(|e: IdentityError| e.to_string()));
+        .and_then(|()| move_pinned(tree, &cgroup, &pinned, caller, caller_pid, pid));
     if let Err(e) = placed {
         cgroup.remove_if_empty();
         return Err(e);
@@ -359,6 +378,7 @@ async fn bind_agent(
         name: Some(binding.name),
         cgroup: relative.clone(),
         oidc: binding.oidc,
+        binding_error: None,
     };
     info!(
         pid,
@@ -385,7 +405,13 @@ async fn bind_agent(
 fn binding_for(name: Option<String>, oidc: Option<Vouched>) -> Result<Binding, String> {
     match oidc {
         Some(o) => {
-            let own = o.email.clone().unwrap_or_else(|| o.subject.clone());
+            // Without a verified email the name is `sub:<subject>`: `:` is refused in names
+            // given by `--as` and in service identities, so a subject can never collide with
+            // one of those (grants for such agents are best written with `subject:`).
+            let own = o
+                .email
+                .clone()
+                .unwrap_or_else(|| format!("sub:{}", o.subject));
             if let Some(n) = name
                 && n != o.subject
                 && Some(&n) != o.email.as_ref()
@@ -400,37 +426,148 @@ fn binding_for(name: Option<String>, oidc: Option<Vouched>) -> Result<Binding, S
                 oidc: Some(o),
             })
         }
-        None => Ok(Binding {
-            name: name.ok_or("--as NAME is required without a token")?,
-            oidc: None,
-        }),
+        None => {
+            let name = name.ok_or("--as NAME is required without a token")?;
+            if name.contains(':') {
+                return Err(format!(
+                    "--as {name}: names with `:` are reserved for OIDC subjects"
+                ));
+            }
+            Ok(Binding { name, oidc: None })
+        }
     }
 }
 
-/// `pid` must be the caller's own child, with the caller's user ids: nobody binds (and so moves)
-/// another user's process, or an unrelated one.
+/// The caller's pid, if it runs wholly outside the agent tree (every thread; a zombie leader
+/// hides where its threads are, so it is refused too).
+fn caller_outside_tree(inputs: &Inputs, caller: Caller, what: &str) -> Result<u32, String> {
+    let caller_pid = caller
+        .pid
+        .ok_or("the caller's process id is unknown (SO_PEERCRED)")?;
+    let zombie = ProcStatus::read(caller_pid).is_none_or(|s| s.state == "Z");
+    if zombie || inputs.agents.tree().contains_pid(caller_pid) {
+        return Err(format!(
+            "agents cannot {what}: the caller runs inside the agent tree"
+        ));
+    }
+    Ok(caller_pid)
+}
+
+/// The fields of `/proc/<pid>/status` the checks need.
+struct ProcStatus {
+    state: String,
+    tgid: String,
+    ppid: String,
+    uids: Vec<String>,
+    threads: String,
+}
+
+impl ProcStatus {
+    fn read(pid: u32) -> Option<Self> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|rest| {
+                    rest.split_whitespace()
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        let first = |name: &str| field(name).into_iter().next().unwrap_or_default();
+        Some(Self {
+            state: first("State:"),
+            tgid: first("Tgid:"),
+            ppid: first("PPid:"),
+            uids: field("Uid:"),
+            threads: first("Threads:"),
+        })
+    }
+}
+
+/// `pid` must be the caller's own child, a single-threaded process (not a thread id, not a
+/// zombie), with the caller's user ids: nobody binds (and so moves) another user's process,
+/// an unrelated one, or a thread of one.
 fn check_child(caller: Caller, caller_pid: u32, pid: u32) -> Result<(), String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|_| format!("process {pid} does not exist"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|rest| {
-                rest.split_whitespace()
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
-    let ppid = field("PPid:");
-    let uids = field("Uid:");
-    if ppid.first().map(String::as_str) != Some(caller_pid.to_string().as_str()) {
+    let st = ProcStatus::read(pid).ok_or_else(|| format!("process {pid} does not exist"))?;
+    if st.tgid != pid.to_string() || st.state == "Z" || st.threads != "1" {
+        return Err(format!(
+            "process {pid} must be a live, single-threaded process (not a thread or a zombie)"
+        ));
+    }
+    if st.ppid != caller_pid.to_string() {
         return Err(format!("process {pid} is not a child of the caller"));
     }
     // Real, effective, saved and filesystem uid must all be the caller's.
-    if uids.len() != 4 || uids.iter().any(|u| u != &caller.uid.to_string()) {
+    if st.uids.len() != 4 || st.uids.iter().any(|u| u != &caller.uid.to_string()) {
         return Err(format!("process {pid} does not run as the caller's user"));
+    }
+    Ok(())
+}
+
+/// A pidfd: a handle on one process that its pid's reuse cannot redirect.
+struct PidFd(std::os::fd::OwnedFd);
+
+impl PidFd {
+    fn open(pid: u32) -> std::io::Result<Self> {
+        // SAFETY: pidfd_open(2) returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        Ok(Self(unsafe {
+            std::os::fd::FromRawFd::from_raw_fd(fd as std::os::fd::RawFd)
+        }))
+    }
+
+    /// Whether the process is still alive (signal 0 through the pidfd).
+    fn alive(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: pidfd_send_signal(2) with signal 0 only checks.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            ) == 0
+        }
+    }
+}
+
+/// Move the pinned process into `cgroup`, checking right before that it is still the caller's
+/// live child outside the tree, and right after that it was really it that moved: if it died
+/// and its pid went to another process in between, that process is put back where the pid
+/// was, and the bind refused.
+fn move_pinned(
+    tree: &crate::identity::AgentTree,
+    cgroup: &crate::identity::AgentCgroup,
+    pinned: &PidFd,
+    caller: Caller,
+    caller_pid: u32,
+    pid: u32,
+) -> Result<(), String> {
+    check_child(caller, caller_pid, pid)?;
+    if tree.contains_pid(pid) {
+        return Err(format!("process {pid} already runs inside the agent tree"));
+    }
+    if !pinned.alive() {
+        return Err(format!("process {pid} exited before it could be bound"));
+    }
+    let before = crate::identity::cgroup_of(pid);
+    cgroup.adopt(pid).map_err(|e| e.to_string())?;
+    if !pinned.alive() {
+        tracing::error!(
+            pid,
+            "the process to bind exited while it was moved; putting back what moved"
+        );
+        if let Some(dir) = before {
+            let _ = std::fs::write(dir.join("cgroup.procs"), pid.to_string());
+        }
+        return Err(format!("process {pid} exited while it was being bound"));
     }
     Ok(())
 }
@@ -453,7 +590,14 @@ mod tests {
     fn names_come_from_the_token() {
         let b = binding_for(None, Some(vouched(Some("a@x")))).unwrap();
         assert_eq!(b.name, "a@x");
-        assert_eq!(binding_for(None, Some(vouched(None))).unwrap().name, "u-1");
+        assert_eq!(
+            binding_for(None, Some(vouched(None))).unwrap().name,
+            "sub:u-1"
+        );
+        assert!(
+            binding_for(Some("sub:u-1".into()), None).is_err(),
+            "reserved"
+        );
         assert!(binding_for(Some("u-1".into()), Some(vouched(Some("a@x")))).is_ok());
         assert!(binding_for(Some("a@x".into()), Some(vouched(Some("a@x")))).is_ok());
         let e = binding_for(Some("admin".into()), Some(vouched(Some("a@x")))).unwrap_err();
@@ -484,22 +628,41 @@ mod tests {
     }
 
     #[test]
-    fn only_own_children() {
-        // This test process is not its own child.
+    fn only_own_single_threaded_children() {
         let me = std::process::id();
+        // SAFETY: getuid has no preconditions.
         let caller = Caller {
-            uid: 0,
+            uid: unsafe { libc::getuid() },
             pid: Some(me),
         };
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        assert_eq!(check_child(caller, me, child.id()), Ok(()));
+        // Not our child (pid 1), a multi-threaded process (this test runner), a pid in use by
+        // no one, a child of another user.
+        assert!(check_child(caller, me, 1).is_err());
+        let e = check_child(caller, me, me).unwrap_err();
         assert!(
-            check_child(caller, me, me)
-                .unwrap_err()
-                .contains("not a child")
+            e.contains("single-threaded") || e.contains("not a child"),
+            "{e}"
         );
         assert!(
             check_child(caller, me, u32::MAX)
                 .unwrap_err()
                 .contains("does not exist")
         );
+        let stranger = Caller {
+            uid: caller.uid + 1,
+            pid: Some(me),
+        };
+        assert!(
+            check_child(stranger, me, child.id())
+                .unwrap_err()
+                .contains("caller's user")
+        );
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

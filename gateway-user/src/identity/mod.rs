@@ -39,7 +39,9 @@ pub enum IdentityError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("agent name `{0}` is not valid: use 1 to 64 of A-Z a-z 0-9 . _ @ -")]
+    #[error(
+        "agent name `{0}` is not valid: use 1 to 128 of A-Z a-z 0-9 . _ @ - (and `:` after `sub`)"
+    )]
     BadName(String),
     #[error(
         "{0} already exists and is not a Chaperone agent tree (it has processes or child cgroups); \
@@ -94,6 +96,10 @@ pub struct AgentId {
     /// Subject, email and groups from the verified ID token, if the agent presented one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oidc: Option<Vouched>,
+    /// Why the cgroup's binding could not be read (then the agent is refused, not treated as
+    /// unbound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding_error: Option<String>,
 }
 
 impl AgentId {
@@ -103,6 +109,7 @@ impl AgentId {
             name: Some(name.to_string()),
             cgroup: String::new(),
             oidc: None,
+            binding_error: None,
         }
     }
 }
@@ -190,7 +197,7 @@ impl AgentTree {
             .ok()
             .and_then(|m| m.into_iter().next())
         else {
-            return false;
+            return true;
         };
         text.lines()
             .filter_map(|l| l.strip_prefix("0::"))
@@ -235,32 +242,56 @@ impl AgentTree {
         .then_some(AgentCgroup { path })
     }
 
-    /// Whether `pid` runs anywhere inside the tree.
+    /// Whether any thread of process `pid` runs inside the tree (threads can sit in other
+    /// cgroups than their leader, whose `/proc/<pid>/cgroup` may be stale once it has exited).
+    /// Unreadable: inside, so callers refuse.
     pub fn contains_pid(&self, pid: u32) -> bool {
-        self.contains(&format!("/proc/{pid}/cgroup"))
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return true;
+        };
+        let mut any = false;
+        for t in tasks {
+            let Ok(t) = t else { return true };
+            any = true;
+            if self.contains(&format!(
+                "/proc/{pid}/task/{}/cgroup",
+                t.file_name().to_string_lossy()
+            )) {
+                return true;
+            }
+        }
+        !any
     }
 
     /// Find the agent whose cgroup has id `cgroup_id` (the cgroup directory's inode number).
     pub fn find(&self, cgroup_id: u64) -> Option<AgentId> {
         let dir = find_by_inode(&self.root, cgroup_id)?;
-        let binding = dir
-            .ancestors()
-            .take_while(|p| p.starts_with(&self.root))
-            .find_map(|p| get_xattr(p, IDENTITY_XATTR))
-            .map(|v| {
-                // A label that is not JSON is a bare name (bindings before OIDC).
-                serde_json::from_slice::<Binding>(&v).unwrap_or_else(|_| Binding {
-                    name: String::from_utf8_lossy(&v).into_owned(),
-                    oidc: None,
-                })
-            });
         let cgroup = dir
             .strip_prefix(&self.root)
             .unwrap_or(&dir)
             .display()
             .to_string();
-        let (name, oidc) = binding.map_or((None, None), |b| (Some(b.name), b.oidc));
-        Some(AgentId { name, cgroup, oidc })
+        let mut agent = AgentId {
+            name: None,
+            cgroup,
+            oidc: None,
+            binding_error: None,
+        };
+        for p in dir.ancestors().take_while(|p| p.starts_with(&self.root)) {
+            match read_xattr(p, IDENTITY_XATTR) {
+                Ok(None) => continue,
+                Ok(Some(v)) => match parse_binding(&v) {
+                    Some(b) => {
+                        agent.name = Some(b.name);
+                        agent.oidc = b.oidc;
+                    }
+                    None => agent.binding_error = Some("the binding does not parse".into()),
+                },
+                Err(e) => agent.binding_error = Some(e.to_string()),
+            }
+            break;
+        }
+        Some(agent)
     }
 
     /// Remove every cgroup of the tree that has no processes left, leaves first. Returns the
@@ -307,6 +338,29 @@ fn remove_tree(dir: &Path, busy: &mut Vec<PathBuf>) {
     }
 }
 
+/// A binding as stored: JSON, or (bindings before OIDC) a bare valid name.
+fn parse_binding(v: &[u8]) -> Option<Binding> {
+    if let Ok(b) = serde_json::from_slice::<Binding>(v) {
+        return Some(b);
+    }
+    let name = std::str::from_utf8(v).ok()?;
+    (validate_name(name).is_ok() && !name.contains(':')).then(|| Binding {
+        name: name.to_string(),
+        oidc: None,
+    })
+}
+
+/// The cgroup directory process `pid` is in (its leader's view), if it can be read.
+pub fn cgroup_of(pid: u32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let own = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mount = crate::mounts::mount_points("cgroup2")
+        .ok()?
+        .into_iter()
+        .next()?;
+    Some(mount.join(own.trim_start_matches('/')))
+}
+
 /// No child cgroups and no processes.
 fn is_empty_cgroup(dir: &Path) -> bool {
     let no_children = std::fs::read_dir(dir)
@@ -337,6 +391,9 @@ pub struct AgentResolver {
     tree: AgentTree,
     services: std::sync::Arc<services::Services>,
     cache: Mutex<HashMap<u64, (AgentId, Option<usize>)>>,
+    /// Bumped by [`AgentResolver::forget`]: a lookup that started before a rebind must not
+    /// cache what it read.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl AgentResolver {
@@ -345,12 +402,16 @@ impl AgentResolver {
             tree,
             services,
             cache: Mutex::new(HashMap::new()),
+            generation: Default::default(),
         }
     }
 
     /// Drop what is remembered of `cgroup_id`: its binding changed.
     pub fn forget(&self, cgroup_id: u64) {
-        self.cache.lock().unwrap().remove(&cgroup_id);
+        let mut cache = self.cache.lock().unwrap();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        cache.remove(&cgroup_id);
     }
 
     pub fn tree(&self) -> &AgentTree {
@@ -362,8 +423,9 @@ impl AgentResolver {
         let (mut agent, service) = match hit {
             Some(hit) => hit,
             None => {
+                let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
                 let mut found = self.tree.find(cgroup_id)?;
-                let service = if found.name.is_none() {
+                let service = if found.name.is_none() && found.binding_error.is_none() {
                     self.services.lookup(&found.cgroup)
                 } else {
                     None
@@ -371,10 +433,14 @@ impl AgentResolver {
                 if let Some(i) = service {
                     found.name = Some(self.services.identity(i).to_string());
                 }
-                self.cache
-                    .lock()
-                    .unwrap()
-                    .insert(cgroup_id, (found.clone(), service));
+                let mut cache = self.cache.lock().unwrap();
+                // Failures are not remembered (the next connection reads again), nor is what a
+                // rebind made stale while we read.
+                if found.binding_error.is_none()
+                    && self.generation.load(std::sync::atomic::Ordering::Acquire) == generation
+                {
+                    cache.insert(cgroup_id, (found.clone(), service));
+                }
                 (found, service)
             }
         };
@@ -421,10 +487,14 @@ impl AgentCgroup {
 }
 
 fn validate_name(name: &str) -> Result<(), IdentityError> {
-    let ok = (1..=64).contains(&name.len())
-        && name
+    // `sub:` names are made by the daemon for OIDC subjects (see control); no one can ask for
+    // one.
+    let plain = name.strip_prefix("sub:").unwrap_or(name);
+    let ok = (1..=128).contains(&name.len())
+        && !plain.is_empty()
+        && plain
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-' | b'|'));
     if ok {
         Ok(())
     } else {
@@ -457,16 +527,37 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
 }
 
 fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
-    let (p, n) = (cstr(path).ok()?, CString::new(name).ok()?);
-    // SAFETY: a zero-sized query returns the value's length.
-    let size = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
-    let mut buf = vec![0u8; usize::try_from(size).ok()?];
-    // SAFETY: valid NUL-terminated strings and a buffer of the given length.
-    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    (len >= 0).then(|| {
-        buf.truncate(len as usize);
-        buf
-    })
+    read_xattr(path, name).ok().flatten()
+}
+
+/// An extended attribute's value; `Ok(None)` when it is absent, an error for anything else
+/// (a value that grew between the size query and the read is read again).
+fn read_xattr(path: &Path, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+    let (p, n) = (cstr(path)?, CString::new(name).expect("static name"));
+    let absent = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENODATA);
+    for _ in 0..4 {
+        // SAFETY: a zero-sized query returns the value's length.
+        let size = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            let e = std::io::Error::last_os_error();
+            return if absent(&e) { Ok(None) } else { Err(e) };
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+        let len =
+            unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if len >= 0 {
+            buf.truncate(len as usize);
+            return Ok(Some(buf));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) => continue,
+            _ if absent(&e) => return Ok(None),
+            _ => return Err(e),
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ERANGE))
 }
 
 #[cfg(test)]
@@ -475,10 +566,10 @@ mod tests {
 
     #[test]
     fn names() {
-        for good in ["agent", "a.b_c-d@e", "x"] {
+        for good in ["agent", "a.b_c-d@e", "x", "sub:auth0|42"] {
             assert!(validate_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "a b", "a/b", "..\u{0}", &"x".repeat(65)] {
+        for bad in ["", "a b", "a/b", "..\u{0}", &"x".repeat(129), "sub:", "a:b"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -154,6 +154,24 @@ enum TokenKind {
     Access,
 }
 
+/// How long fetched keys are trusted before they are fetched again.
+const KEYS_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// The keys in use and the last failure to fetch them.
+#[derive(Default)]
+struct KeyState {
+    keys: Option<Keys>,
+    failed: Option<(Instant, String)>,
+}
+
+impl KeyState {
+    fn may_fetch(&self, interval: Duration) -> bool {
+        self.failed
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= interval)
+    }
+}
+
 /// The issuer's key set and when it was fetched.
 struct Keys {
     metadata: CoreProviderMetadata,
@@ -165,7 +183,7 @@ pub struct Verifier {
     config: OidcConfig,
     issuer: IssuerUrl,
     http: reqwest::Client,
-    keys: Mutex<Option<Keys>>,
+    keys: Mutex<KeyState>,
 }
 
 impl Verifier {
@@ -179,7 +197,7 @@ impl Verifier {
             config,
             issuer,
             http,
-            keys: Mutex::new(None),
+            keys: Mutex::new(KeyState::default()),
         })
     }
 
@@ -203,11 +221,8 @@ impl Verifier {
     ) -> Result<Vouched, OidcError> {
         use openidconnect::{ClientSecret, OAuth2TokenResponse as _, Scope, core::CoreClient};
         let metadata = {
-            let mut keys = self.keys.lock().await;
-            if keys.is_none() {
-                *keys = Some(self.discover().await?);
-            }
-            keys.as_ref().expect("set above").metadata.clone()
+            let mut state = self.keys.lock().await;
+            self.current_keys(&mut state).await?.metadata.clone()
         };
         let issuer_err = |message: String| OidcError::Issuer {
             issuer: self.config.issuer.clone(),
@@ -239,26 +254,26 @@ impl Verifier {
             .trim()
             .parse()
             .map_err(|e: serde_json::Error| OidcError::Malformed(e.to_string()))?;
-        let mut keys = self.keys.lock().await;
-        if keys.is_none() {
-            *keys = Some(self.discover().await?);
-        }
-        let first = self.check(&token, keys.as_ref().expect("set above"), kind);
+        let mut state = self.keys.lock().await;
+        let first = self.check(&token, self.current_keys(&mut state).await?, kind);
         let outcome = match first {
             Err(openidconnect::ClaimsVerificationError::SignatureVerification(
                 SignatureVerificationError::NoMatchingKey,
-            )) if keys.as_ref().is_some_and(|k| {
-                k.fetched.elapsed() >= Duration::from_secs(self.config.jwks_refetch_secs)
-            }) =>
+            )) if state
+                .keys
+                .as_ref()
+                .is_some_and(|k| k.fetched.elapsed() >= self.refetch())
+                && state.may_fetch(self.refetch()) =>
             {
                 // Maybe the issuer rotated its keys: fetch them again, once.
                 tracing::info!(issuer = %self.config.issuer, "token signed with an unknown key; fetching the issuer's keys again");
-                *keys = Some(self.discover().await?);
-                self.check(&token, keys.as_ref().expect("set above"), kind)
+                self.fetch_into(&mut state).await;
+                let keys = state.keys.as_ref().expect("kept on failure");
+                self.check(&token, keys, kind)
             }
             other => other,
         };
-        drop(keys);
+        drop(state);
         let claims = outcome.map_err(|e| OidcError::Rejected(error_chain(&e)))?;
         let now = chrono::Utc::now().timestamp();
         if let Some(nbf) = claims.additional_claims().nbf
@@ -340,6 +355,49 @@ impl Verifier {
         };
         // No nonce: the daemon did not start the login; the token is bound by audience.
         token.claims(&verifier, |_: Option<&openidconnect::Nonce>| Ok(()))
+    }
+
+    fn refetch(&self) -> Duration {
+        Duration::from_secs(self.config.jwks_refetch_secs)
+    }
+
+    /// The keys to check with: fetched when there are none yet or they are older than
+    /// [`KEYS_MAX_AGE`] (a key the issuer withdrew must stop being trusted), but never more
+    /// often than `jwks_refetch_secs` after a failure, so an unreachable issuer does not make
+    /// every request wait on it. Old keys are kept when a refresh fails.
+    async fn current_keys<'s>(&self, state: &'s mut KeyState) -> Result<&'s Keys, OidcError> {
+        let stale = state
+            .keys
+            .as_ref()
+            .is_none_or(|k| k.fetched.elapsed() >= KEYS_MAX_AGE);
+        if stale && state.may_fetch(self.refetch()) {
+            self.fetch_into(state).await;
+        }
+        match (&state.keys, &state.failed) {
+            (Some(k), _) => Ok(k),
+            (None, Some((_, message))) => Err(OidcError::Issuer {
+                issuer: self.config.issuer.clone(),
+                message: format!("{message} (next attempt within {:?})", self.refetch()),
+            }),
+            (None, None) => unreachable!("a fetch either succeeds or records its failure"),
+        }
+    }
+
+    async fn fetch_into(&self, state: &mut KeyState) {
+        match self.discover().await {
+            Ok(k) => {
+                state.keys = Some(k);
+                state.failed = None;
+            }
+            Err(e) => {
+                let message = match &e {
+                    OidcError::Issuer { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                tracing::warn!(issuer = %self.config.issuer, error = %message, "cannot fetch the issuer's keys");
+                state.failed = Some((Instant::now(), message));
+            }
+        }
     }
 
     async fn discover(&self) -> Result<Keys, OidcError> {

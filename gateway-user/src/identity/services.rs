@@ -63,6 +63,12 @@ impl ServiceConfig {
                 self.cgroup.display()
             ));
         }
+        if self.identity.contains(':') {
+            return Err(format!(
+                "services: identity `{}`: names with `:` are reserved for OIDC subjects",
+                self.identity
+            ));
+        }
         super::validate_name(&self.identity).map_err(|e| format!("services: {e}"))
     }
 }

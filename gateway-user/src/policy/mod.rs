@@ -160,10 +160,7 @@ pub fn evaluate(policy: &Policy, subject: &Subject<'_>, action: &Action<'_>) -> 
         Action::Sql { target, facts } => evaluate_sql(policy, subject, target, facts),
         Action::Connect {
             target: Some(t), ..
-        } => Decision {
-            verdict: Verdict::Allow,
-            rule: format!("target `{}`", t.name),
-        },
+        } => evaluate_connect(policy, subject, t),
         Action::Connect { target: None, .. } => {
             let rule = match policy.unlisted {
                 Unlisted::Allow => "unlisted: allow",
@@ -224,9 +221,75 @@ fn evaluate_sql(policy: &Policy, subject: &Subject<'_>, target: &str, facts: &Fa
     }
 }
 
-/// A connection from an agent whose ID token has expired: refused, saying so.
+/// A connection to a target. PostgreSQL targets judge every statement, so the connection
+/// itself is allowed. A raw TCP target has only this one decision: when grants name it, they
+/// decide (deny wins, then review, then allow; none applying: denied); a TCP target no grant
+/// names is open to every agent, as the target entry itself says.
+fn evaluate_connect(policy: &Policy, subject: &Subject<'_>, t: &Target) -> Decision {
+    let allowed = |rule: String| Decision {
+        verdict: Verdict::Allow,
+        rule,
+    };
+    if t.protocol != crate::config::ProtocolKind::Tcp
+        || !policy.grants.iter().any(|g| g.target == t.name)
+    {
+        return allowed(format!("target `{}`", t.name));
+    }
+    let (mut review, mut allow) = (None, None);
+    for (i, g) in policy.grants.iter().enumerate() {
+        if !g.applies(subject.agent, &t.name, subject.now) {
+            continue;
+        }
+        match g.effect {
+            Effect::Deny => {
+                let rule = g.label(i);
+                return Decision {
+                    verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
+                    rule,
+                };
+            }
+            Effect::Review => review = review.or(Some(g.label(i))),
+            Effect::Allow => allow = allow.or(Some(g.label(i))),
+        }
+    }
+    if let Some(rule) = review {
+        return Decision {
+            verdict: Verdict::Hold,
+            rule,
+        };
+    }
+    if let Some(rule) = allow {
+        return allowed(rule);
+    }
+    let rule = format!(
+        "no grant allows {} to connect to `{}`",
+        subject
+            .agent
+            .and_then(|a| a.name.as_deref())
+            .unwrap_or("an unidentified agent"),
+        t.name
+    );
+    Decision {
+        verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
+        rule,
+    }
+}
+
+/// A connection from an agent whose ID token has expired (or whose binding cannot be read):
+/// refused, saying so.
 fn expired_token(subject: &Subject<'_>) -> Option<Decision> {
-    let vouched = subject.agent?.oidc.as_ref()?;
+    let agent = subject.agent?;
+    if let Some(e) = &agent.binding_error {
+        let rule = format!(
+            "the identity binding of agent cgroup {} cannot be read ({e})",
+            agent.cgroup
+        );
+        return Some(Decision {
+            verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
+            rule,
+        });
+    }
+    let vouched = agent.oidc.as_ref()?;
     let now_ms = u64::try_from(subject.now.timestamp_millis()).unwrap_or(0);
     if now_ms < vouched.expires_at_ms {
         return None;
@@ -329,6 +392,48 @@ mod tests {
             assert_eq!(d.verdict, verdict, "{unlisted:?} {target:?}");
             assert_eq!(d.rule, rule);
         }
+    }
+
+    #[test]
+    fn grants_that_name_a_tcp_target_decide_who_connects() {
+        let cfg = crate::config::Config::parse(
+            "targets:\n  - {name: web, protocol: tcp, address: 127.0.0.1, port: 80}\n  - {name: open, protocol: tcp, address: 127.0.0.1, port: 81}\n\
+             grants:\n  - {identity: alice, target: web, effect: allow}\n  - {identity: mallory, target: web, effect: deny}\n  - {identity: mallory, target: web, effect: allow}\n",
+            "t.yaml",
+        )
+        .unwrap();
+        let policy = Policy::from_config(&cfg);
+        let connect = |who: Option<&str>, target: &str| {
+            let agent = who.map(AgentId::named);
+            let t = cfg.targets.iter().find(|t| t.name == target).unwrap();
+            evaluate(
+                &policy,
+                &Subject::now(agent.as_ref()),
+                &Action::Connect {
+                    dst: "127.0.0.1:80".parse().unwrap(),
+                    target: Some(t),
+                },
+            )
+            .verdict
+        };
+        assert_eq!(connect(Some("alice"), "web"), Verdict::Allow);
+        assert!(
+            matches!(connect(Some("mallory"), "web"), Verdict::Deny(_)),
+            "deny wins"
+        );
+        assert!(
+            matches!(connect(Some("bob"), "web"), Verdict::Deny(_)),
+            "no grant applies"
+        );
+        assert!(
+            matches!(connect(None, "web"), Verdict::Deny(_)),
+            "unidentified"
+        );
+        assert_eq!(
+            connect(Some("bob"), "open"),
+            Verdict::Allow,
+            "no grant names it"
+        );
     }
 
     /// The bypass corpus (tests/corpus/postgres-readonly.sql) under the shipped read-only

@@ -264,6 +264,7 @@ mod tests {
                 name: Some("a".into()),
                 cgroup: "run-1".into(),
                 oidc: None,
+                binding_error: None,
             }),
             client: "127.0.0.1:40000".parse().unwrap(),
             original_dst: OriginalDst {
