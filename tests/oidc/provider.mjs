@@ -10,6 +10,10 @@
 //                                            the ID token it issues to CLIENT (default chaperone).
 //   node provider.mjs forge ISSUER USER      print a token with the right claims, signed by a
 //                                            key the provider never had.
+//   node provider.mjs sign ISSUER USER JWKS_FILE CLAIMS_JSON
+//                                            print an ID token for USER signed with the
+//                                            provider's own first key, with CLAIMS_JSON merged
+//                                            over the usual claims (e.g. a future nbf).
 //   node provider.mjs approve ISSUER CODE USER
 //                                            approve a device login (the user code chaperone
 //                                            run --login shows) as USER, through the pages.
@@ -197,16 +201,29 @@ function b64url(data) {
   return Buffer.from(typeof data === 'string' ? data : JSON.stringify(data)).toString('base64url');
 }
 
-function forge(issuer, user) {
-  const jwk = keys('forged').keys[0];
-  const now = Math.floor(Date.now() / 1000);
+// An RS256 JWT of `claims`, signed with `jwk` (a private JWK with a kid).
+function sign(jwk, claims) {
   const head = b64url({ alg: 'RS256', typ: 'JWT', kid: jwk.kid });
-  const body = b64url({
-    iss: issuer, aud: 'chaperone', sub: user, iat: now, exp: now + 600, ...USERS[user],
-  });
+  const body = b64url(claims);
   const signer = createSign('RSA-SHA256');
   signer.update(`${head}.${body}`);
   return `${head}.${body}.${signer.sign(createPrivateKey({ key: jwk, format: 'jwk' })).toString('base64url')}`;
+}
+
+function claimsFor(issuer, user) {
+  const now = Math.floor(Date.now() / 1000);
+  return { iss: issuer, aud: 'chaperone', sub: user, iat: now, exp: now + 600, ...USERS[user] };
+}
+
+function forge(issuer, user) {
+  return sign(keys('forged').keys[0], claimsFor(issuer, user));
+}
+
+function signWith(issuer, user, jwksFile, extra) {
+  const jwk = JSON.parse(readFileSync(jwksFile, 'utf8')).keys[0];
+  const claims = { ...claimsFor(issuer, user), ...JSON.parse(extra) };
+  for (const [k, v] of Object.entries(claims)) if (v === null) delete claims[k];
+  return sign(jwk, claims);
 }
 
 const [cmd, ...args] = process.argv.slice(2);
@@ -217,6 +234,7 @@ try {
     case 'token': console.log(await token(args[0], args[1], args[2])); break;
     case 'forge': console.log(forge(args[0], args[1])); break;
     case 'approve': await approve(args[0], args[1], args[2]); break;
+    case 'sign': console.log(signWith(args[0], args[1], args[2], args[3])); break;
     default: throw new Error(`unknown command ${cmd}`);
   }
 } catch (e) {

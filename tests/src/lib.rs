@@ -986,6 +986,14 @@ impl OidcProvider {
         v["access_token"].as_str().unwrap().to_string()
     }
 
+    /// An ID token for `user` signed with the provider's own current key, with `claims` (a
+    /// JSON object; `null` removes a claim) over the usual ones: a token the provider could
+    /// have issued, except for what the test changes.
+    pub fn signed(&self, user: &str, claims: &str) -> String {
+        let jwks = self.jwks();
+        self.node(&["sign", &self.issuer, user, jwks.to_str().unwrap(), claims])
+    }
+
     /// Approve a device login (the code `chaperone run --login` printed) as `user`.
     pub fn approve(&self, user_code: &str, user: &str) {
         self.node(&["approve", &self.issuer, user_code, user]);

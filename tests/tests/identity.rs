@@ -220,6 +220,37 @@ fn tokens_that_prove_nothing_are_refused_before_the_agent_starts() {
             vec![],
             "not a JWT ID token",
         ),
+        // Signed with the provider's own key, but with one claim wrong.
+        (
+            "a token not valid yet",
+            e.op.signed("alice", r#"{"nbf": 99999999999}"#),
+            vec![],
+            "not valid before",
+        ),
+        (
+            "a token without expiry",
+            e.op.signed("alice", r#"{"exp": null}"#),
+            vec![],
+            "exp",
+        ),
+        (
+            "a token for us and someone else",
+            e.op.signed("alice", r#"{"aud": ["chaperone", "evil"]}"#),
+            vec![],
+            "Invalid audiences",
+        ),
+        (
+            "a token from another issuer",
+            e.op.signed("alice", r#"{"iss": "http://127.0.0.1:1"}"#),
+            vec![],
+            "Invalid issuer",
+        ),
+        (
+            "an expired token",
+            e.op.signed("alice", r#"{"exp": 1000000000, "iat": 999999000}"#),
+            vec![],
+            "Expired",
+        ),
         // An access token (at+jwt) for the right audience is not an identity proof.
         (
             "an access token",
@@ -259,7 +290,13 @@ fn tokens_that_prove_nothing_are_refused_before_the_agent_starts() {
         .into_iter()
         .filter(|a| a["audit"] == "bind_refused")
         .count();
-    assert_eq!(refused, 7, "{:#?}", e.d.audits());
+    assert_eq!(refused, 12, "{:#?}", e.d.audits());
+    // The same signing path with nothing wrong is accepted: the refusals above are the claims'.
+    let fine = e.op.signed("alice", "{}");
+    assert_ok(
+        &e.run_with_token(&fine, &[], &["true"]),
+        "a well-formed signed token",
+    );
     // And the good token works.
     assert_ok(&e.run_with_token(&good, &[], &touch), "alice's token");
     assert!(marker.exists());
