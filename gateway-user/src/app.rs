@@ -351,7 +351,8 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
             return refuse(client);
         }
     };
-    let agent = inputs.agents.resolve(original.cgroup_id);
+    let cgroup_id = original.cgroup_id;
+    let agent = inputs.agents.resolve(cgroup_id);
     let target = inputs.config.target_for(original.addr).cloned();
     let decision = policy::evaluate(
         &inputs.policy.current(),
@@ -391,6 +392,7 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
         reason: decision.rule,
         started_at_ms: now_ms(),
     };
+    let current_agent = move || inputs.agents.resolve(cgroup_id);
     async move {
         let mut rec = SessionRecorder::start(inputs.sink.clone(), info);
         let session = protocols::Session {
@@ -401,6 +403,7 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
             policy: &inputs.policy,
             pg: &inputs.pg,
             refusal: refusal.as_ref(),
+            current_agent: &current_agent,
         };
         if let Err(e) = protocols::serve(&session, client, &mut rec).await {
             warn!(error = %e, "session ended with an error");

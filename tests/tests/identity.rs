@@ -311,15 +311,23 @@ fn an_expired_token_ends_new_connections_with_a_clear_error() {
     let e = env(6);
     let conn = e.conninfo();
     let token = e.op.token("alice", "chaperone");
+    // One session that outlives the token (its next statement is refused), then a new
+    // connection (refused at startup).
     let script = format!(
-        "psql -X -A -t '{conn}' -c 'SELECT 1' && sleep 7 && psql -X -A -t '{conn}' -c 'SELECT 2'"
+        "psql -X -A -t '{conn}' -c 'SELECT 1' -c '\\! sleep 7' -c 'SELECT 2'; \
+         psql -X -A -t '{conn}' -c 'SELECT 3'"
     );
     let out = e.run_with_token(&token, &[], &["sh", "-c", &script]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1");
     let err = stderr(&out);
+    assert!(err.contains("statement denied by policy"), "{err}");
     assert!(err.contains("connection refused by policy"), "{err}");
-    assert!(err.contains("identity token of alice expired"), "{err}");
+    assert_eq!(
+        err.matches("identity token of alice expired").count(),
+        2,
+        "{err}"
+    );
     // The expired token cannot start a new agent either.
     let again = e.run_with_token(&token, &[], &["true"]);
     assert_eq!(again.status.code(), Some(2));
@@ -400,8 +408,10 @@ fn a_device_login_binds_the_agent_and_refreshes_its_token() {
     // run` refreshed its token (with the refresh token of the device login) in between.
     let e = env(6);
     let conn = e.conninfo();
+    // One session across the refresh (its statements see the new token), then a new one.
     let script = format!(
-        "psql -X -A -t '{conn}' -c 'SELECT 1' && sleep 9 && psql -X -A -t '{conn}' -c 'SELECT 2'"
+        "psql -X -A -t -v ON_ERROR_STOP=1 '{conn}' -c 'SELECT 1' -c '\\! sleep 9' -c 'SELECT 2' && \
+         psql -X -A -t '{conn}' -c 'SELECT 3'"
     );
     let mut run =
         e.d.cmd()
@@ -438,7 +448,7 @@ fn a_device_login_binds_the_agent_and_refreshes_its_token() {
     let out = run.wait_with_output().unwrap();
     let err = rest.join().unwrap();
     assert_eq!(out.status.code(), Some(0), "stderr: {err}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1\n2");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1\n2\n3");
     assert!(e.d.log().contains("agent token refreshed"), "{}", e.d.log());
     let sessions = e.d.wait_for_sessions(2);
     assert!(

@@ -16,7 +16,10 @@ import json, sys, psycopg
 conn = psycopg.connect(sys.argv[1], autocommit=True)
 for line in sys.stdin:
     try:
-        rows = conn.execute(line).fetchall()
+        # "PREPARED <sql>": a server-side prepared statement (Parse once, then Bind/Execute).
+        prepared = line.startswith("PREPARED ")
+        sql = line[len("PREPARED "):] if prepared else line
+        rows = conn.execute(sql, prepare=prepared).fetchall()
         print(json.dumps({"rows": [[str(v) for v in r] for r in rows]}), flush=True)
     except psycopg.Error as e:
         print(json.dumps({"sqlstate": e.sqlstate, "message": str(e)}), flush=True)
@@ -94,9 +97,12 @@ fn reloads_apply_to_the_next_statement_and_a_broken_file_never_replaces_a_good_o
     let d = TestDaemon::start(pg.daemon_options_with_grants(&grant("\"public.*\"", None)));
     let mut s = Session::start(&d, &pg);
     let select = "SELECT count(*) FROM users";
+    let prepared = "PREPARED SELECT count(*) FROM users WHERE id > 0";
     assert_eq!(s.sql(select)["rows"][0][0], "3");
+    assert_eq!(s.sql(prepared)["rows"][0][0], "3");
 
-    // Narrow the grant by editing the file: the same session's next statement is denied.
+    // Narrow the grant by editing the file: the same session's next statement is denied,
+    // including a statement it prepared before (its Bind is judged again).
     let good = std::fs::read_to_string(&d.config).unwrap();
     let narrow = good.replace("\"public.*\"", "\"public.orders\"");
     assert_ne!(good, narrow);
@@ -128,6 +134,7 @@ fn reloads_apply_to_the_next_statement_and_a_broken_file_never_replaces_a_good_o
     replace_file(&d.config, &good);
     assert_eq!(d.wait_for_audits("policy_reloaded", 2).len(), 2);
     assert_eq!(s.sql(select)["rows"][0][0], "3");
+    assert_eq!(s.sql(prepared)["rows"][0][0], "3", "allowed again");
     d.signal(libc::SIGHUP);
     let reloads = d.wait_for_audits("policy_reloaded", 3);
     assert_eq!(reloads.last().unwrap()["trigger"], "SIGHUP", "{reloads:?}");

@@ -73,12 +73,15 @@ pub struct Decision {
 #[derive(Debug)]
 pub struct PolicyStore {
     current: std::sync::RwLock<std::sync::Arc<Policy>>,
+    /// Bumped on every replacement: what was judged under an older generation is judged again.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl PolicyStore {
     pub fn new(policy: Policy) -> Self {
         Self {
             current: std::sync::RwLock::new(std::sync::Arc::new(policy)),
+            generation: Default::default(),
         }
     }
 
@@ -86,8 +89,15 @@ impl PolicyStore {
         self.current.read().expect("policy lock").clone()
     }
 
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub fn replace(&self, policy: Policy) {
-        *self.current.write().expect("policy lock") = std::sync::Arc::new(policy);
+        let mut current = self.current.write().expect("policy lock");
+        *current = std::sync::Arc::new(policy);
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -153,7 +163,9 @@ impl Policy {
 }
 
 pub fn evaluate(policy: &Policy, subject: &Subject<'_>, action: &Action<'_>) -> Decision {
-    if let (Action::Connect { .. }, Some(expired)) = (action, expired_token(subject)) {
+    // Every decision, connect or statement: a session outliving its agent's token (or whose
+    // binding became unreadable) gets nothing more.
+    if let Some(expired) = expired_token(subject) {
         return expired;
     }
     match action {

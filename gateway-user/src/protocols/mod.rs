@@ -38,6 +38,8 @@ pub struct Session<'a> {
     /// Policy refused the connection: protocols that can say why do (PostgreSQL answers the
     /// startup with a FATAL error); the rest reset it.
     pub refusal: Option<&'a Refusal>,
+    /// The agent as it is now (its binding may be refreshed while the session runs).
+    pub current_agent: &'a (dyn Fn() -> Option<AgentId> + Sync),
 }
 
 /// Carry an allowed session until it ends, counting into the recorder.
@@ -55,6 +57,7 @@ pub async fn serve(
                 policy: s.policy,
                 shared: s.pg,
                 refusal: s.refusal,
+                current_agent: s.current_agent,
             };
             Ok(postgres::serve(&pg, client, rec).await?)
         }

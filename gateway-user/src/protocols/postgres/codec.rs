@@ -228,6 +228,23 @@ pub fn parse_sql(frame: &Frame) -> Result<(&str, &str), CodecError> {
     Ok((name, sql))
 }
 
+/// A Bind's portal and statement names.
+pub fn bind_names(frame: &Frame) -> Result<(&str, &str), CodecError> {
+    let mut body = frame.body();
+    let portal = cstr(&mut body, "Bind")?;
+    let statement = cstr(&mut body, "Bind")?;
+    Ok((portal, statement))
+}
+
+/// A Close of a prepared statement (`S`): its name; of a portal: `None`.
+pub fn close_statement(frame: &Frame) -> Result<Option<&str>, CodecError> {
+    let Some((&kind, mut rest)) = frame.body().split_first() else {
+        return Err(CodecError::Malformed { what: "Close" });
+    };
+    let name = cstr(&mut rest, "Close")?;
+    Ok((kind == b'S').then_some(name))
+}
+
 // ---- builders ------------------------------------------------------------------------------------
 
 fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
@@ -308,6 +325,17 @@ pub fn parse_error_fields(frame: &Frame) -> Vec<(u8, String)> {
 
 pub fn query(buf: &mut BytesMut, sql: &str) {
     message(buf, b'Q', |b| put_cstr(b, sql));
+}
+
+/// A Bind of `statement` with no parameters and default formats.
+pub fn bind(buf: &mut BytesMut, portal: &str, statement: &str) {
+    message(buf, b'B', |b| {
+        put_cstr(b, portal);
+        put_cstr(b, statement);
+        b.put_i16(0);
+        b.put_i16(0);
+        b.put_i16(0);
+    });
 }
 
 pub fn parse(buf: &mut BytesMut, name: &str, sql: &str) {

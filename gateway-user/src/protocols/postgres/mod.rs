@@ -172,6 +172,8 @@ pub struct Session<'a> {
     pub shared: &'a Shared,
     /// Policy refused the connection itself: answer the startup with this, then end.
     pub refusal: Option<&'a Refusal>,
+    /// The agent as it is now (a refreshed token, an expiry): asked for every statement.
+    pub current_agent: &'a (dyn Fn() -> Option<AgentId> + Sync),
 }
 
 /// What a session's record counts, filled in as the session runs (so it is right after an
@@ -547,38 +549,12 @@ impl Judge<'_> {
         )
     }
 
-    fn sql(&self, sql: &str, prepared: &mut HashMap<String, Facts>) -> Judgement {
-        let outcome = self.s.shared.cache.classify(sql);
-        let c = match &*outcome {
-            Ok(c) => c,
-            Err(e) => {
-                info!(
-                    verdict = "deny",
-                    rule = "unparsable",
-                    "statement does not parse"
-                );
-                return Judgement::Deny(PgError::denied(
-                    "statements that do not parse are denied",
-                    e.to_string(),
-                ));
-            }
-        };
-        // EXECUTE runs what PREPARE stored: judge those facts too.
-        let mut facts = c.facts_with(prepared);
-        // `x.f` is a call when the target has a function `f` (an extension's, an application's).
-        let calls: Vec<String> = facts
-            .attribute_names
-            .iter()
-            .filter(|n| self.user_functions.contains(*n))
-            .cloned()
-            .collect();
-        if !calls.is_empty() {
-            facts.to_mut().functions.extend(calls);
-        }
-        let facts = &*facts;
+    /// Judge a statement's facts with the policy and the agent as they are now.
+    fn facts(&self, facts: &Facts) -> Judgement {
+        let agent = (self.s.current_agent)();
         let decision = policy::evaluate(
             &self.s.policy.current(),
-            &Subject::now(self.s.agent),
+            &Subject::now(agent.as_ref().or(self.s.agent)),
             &Action::Sql {
                 target: &self.s.target.name,
                 facts,
@@ -587,7 +563,6 @@ impl Judge<'_> {
         match decision.verdict {
             Verdict::Allow => {
                 debug!(rule = %decision.rule, classes = ?facts.classes, "statement allowed");
-                c.apply_to(prepared);
                 Judgement::Allow
             }
             Verdict::Hold => {
@@ -603,6 +578,52 @@ impl Judge<'_> {
                 Judgement::Deny(PgError::denied(&decision.rule, describe(facts)))
             }
         }
+    }
+
+    /// Classify and judge `sql`; with the facts it was judged on when `keep` (a prepared
+    /// statement, judged again at Bind if the policy or the agent changes).
+    fn sql(
+        &self,
+        sql: &str,
+        prepared: &mut HashMap<String, Facts>,
+        keep: bool,
+    ) -> (Judgement, Option<Facts>) {
+        let outcome = self.s.shared.cache.classify(sql);
+        let c = match &*outcome {
+            Ok(c) => c,
+            Err(e) => {
+                info!(
+                    verdict = "deny",
+                    rule = "unparsable",
+                    "statement does not parse"
+                );
+                return (
+                    Judgement::Deny(PgError::denied(
+                        "statements that do not parse are denied",
+                        e.to_string(),
+                    )),
+                    None,
+                );
+            }
+        };
+        // EXECUTE runs what PREPARE stored: judge those facts too.
+        let mut facts = c.facts_with(prepared);
+        // `x.f` is a call when the target has a function `f` (an extension's, an application's).
+        let calls: Vec<String> = facts
+            .attribute_names
+            .iter()
+            .filter(|n| self.user_functions.contains(*n))
+            .cloned()
+            .collect();
+        if !calls.is_empty() {
+            facts.to_mut().functions.extend(calls);
+        }
+        let judgement = self.facts(&facts);
+        let kept = keep.then(|| facts.clone().into_owned());
+        if matches!(judgement, Judgement::Allow) {
+            c.apply_to(prepared);
+        }
+        (judgement, kept)
     }
 }
 
@@ -639,18 +660,64 @@ async fn client_to_server(
 ) -> Result<(), PgSessionError> {
     let mut out = BytesMut::with_capacity(8192);
     let mut prepared: HashMap<String, Facts> = HashMap::new();
+    // Protocol-level prepared statements: the facts each was judged on, and under which policy
+    // generation, so a Bind after a reload (or after the agent's token lapsed) is judged again.
+    let mut statements: HashMap<String, (Facts, u64)> = HashMap::new();
     while let Some(frame) = frames.next().await {
         let frame = frame?;
         *counters.bytes_up += frame.raw.len() as u64;
         let verdict = match frame.tag {
-            b'Q' => Some(judge.sql(codec::query_sql(&frame)?, &mut prepared)),
-            b'P' => Some(judge.sql(codec::parse_sql(&frame)?.1, &mut prepared)),
+            b'Q' => Some(judge.sql(codec::query_sql(&frame)?, &mut prepared, false).0),
+            b'P' => {
+                let (name, sql) = codec::parse_sql(&frame)?;
+                let generation = judge.s.policy.generation();
+                let (judgement, facts) = judge.sql(sql, &mut prepared, true);
+                match (&judgement, facts) {
+                    (Judgement::Allow, Some(f)) => {
+                        statements.insert(name.to_string(), (f, generation));
+                    }
+                    _ => {
+                        statements.remove(name);
+                    }
+                }
+                Some(judgement)
+            }
+            b'B' => {
+                let (portal, name) = codec::bind_names(&frame)?;
+                match statements.get(name) {
+                    Some((facts, generation))
+                        if *generation != judge.s.policy.generation()
+                            || judge.s.agent.is_some_and(|a| a.oidc.is_some()) =>
+                    {
+                        match judge.facts(facts) {
+                            Judgement::Allow => None,
+                            Judgement::Deny(e) => {
+                                // A Bind of a statement the server does not have: its error,
+                                // naming the marker, becomes the refusal; the server skips the
+                                // rest of the batch up to Sync, as after any Bind error.
+                                *counters.denied += 1;
+                                let marker = judge.marker();
+                                codec::bind(&mut out, portal, &marker);
+                                denials.push(marker, e);
+                                continue;
+                            }
+                        }
+                    }
+                    _ => None,
+                }
+            }
+            b'C' => {
+                if let Some(name) = codec::close_statement(&frame)? {
+                    statements.remove(name);
+                }
+                None
+            }
             // The fast-path function call bypasses SQL entirely (lo_import, pg_read_file…).
             b'F' => Some(Judgement::Deny(PgError::denied(
                 "the FunctionCall protocol message is always denied",
                 "use SELECT function(...) instead, which policy can judge".into(),
             ))),
-            b'B' | b'E' | b'D' | b'C' | b'S' | b'H' | b'd' | b'c' | b'f' | b'X' => None,
+            b'E' | b'D' | b'S' | b'H' | b'd' | b'c' | b'f' | b'X' => None,
             other => {
                 return Err(CodecError::Malformed {
                     what: if other.is_ascii_graphic() {
@@ -777,6 +844,7 @@ mod tests {
             policy: &policy,
             shared: &shared,
             refusal: None,
+            current_agent: &|| None,
         };
         let params: Vec<(String, String)> = params
             .iter()
