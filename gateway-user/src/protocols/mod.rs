@@ -38,6 +38,9 @@ pub struct Session<'a> {
     /// Policy refused the connection: protocols that can say why do (PostgreSQL answers the
     /// startup with a FATAL error); the rest reset it.
     pub refusal: Option<&'a Refusal>,
+    /// Masks PostgreSQL results (`None`: they pass unmasked). Chosen per session, so rules can
+    /// differ per grant.
+    pub masker: Option<&'a crate::mask::Masker>,
 }
 
 /// Carry an allowed session until it ends, counting into the recorder.
@@ -55,6 +58,7 @@ pub async fn serve(
                 policy: s.policy,
                 shared: s.pg,
                 refusal: s.refusal,
+                masker: s.masker,
             };
             Ok(postgres::serve(&pg, client, rec).await?)
         }

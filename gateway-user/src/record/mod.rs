@@ -5,9 +5,10 @@
 //! task cancelled at shutdown) are recorded too. The JSON-lines file sink is the machine-readable
 //! form `chaperone sessions` and later tooling read; every event also goes to the daemon's log.
 //!
-//! Records carry metadata only: never a credential, never payload bytes.
+//! Records carry metadata only: never a credential, never payload bytes. Masking is counted
+//! (which rule, how many values, which kinds), never the value.
 
-use crate::{identity::AgentId, redirect::OriginalDst};
+use crate::{identity::AgentId, mask::MaskCounts, redirect::OriginalDst};
 use serde::{Deserialize, Serialize};
 use std::{
     fs::{File, OpenOptions},
@@ -109,6 +110,9 @@ pub enum SessionEvent {
         statements_allowed: u64,
         #[serde(default)]
         statements_denied: u64,
+        /// Values masked on their way to the agent: per rule, per kind (absent: none).
+        #[serde(default, skip_serializing_if = "masked_nothing")]
+        masked: MaskCounts,
         error: Option<String>,
     },
     /// Something the daemon did or refused outside a session: agents bound, binds refused,
@@ -189,7 +193,12 @@ pub struct SessionRecorder {
     pub bytes_down: u64,
     pub statements_allowed: u64,
     pub statements_denied: u64,
+    pub masked: MaskCounts,
     pub error: Option<String>,
+}
+
+fn masked_nothing(c: &MaskCounts) -> bool {
+    c.values == 0
 }
 
 impl SessionRecorder {
@@ -213,6 +222,7 @@ impl SessionRecorder {
             bytes_down: 0,
             statements_allowed: 0,
             statements_denied: 0,
+            masked: MaskCounts::default(),
             error: None,
         }
     }
@@ -225,6 +235,7 @@ impl Drop for SessionRecorder {
             bytes_down = self.bytes_down,
             statements_allowed = self.statements_allowed,
             statements_denied = self.statements_denied,
+            values_masked = self.masked.values,
             error = self.error.as_deref().unwrap_or(""),
             "session end"
         );
@@ -235,6 +246,7 @@ impl Drop for SessionRecorder {
             bytes_down: self.bytes_down,
             statements_allowed: self.statements_allowed,
             statements_denied: self.statements_denied,
+            masked: std::mem::take(&mut self.masked),
             error: self.error.take(),
         });
     }
