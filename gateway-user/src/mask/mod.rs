@@ -38,16 +38,18 @@ mod method;
 mod rules;
 mod structured;
 
-pub use kind::Kind;
-pub use method::{REDACTED, TokenKey};
-pub use rules::{MaskRule, MaskRules, Method};
+/// Copy-on-first-change rewriting of ranges in a byte string (for callers that splice masked
+/// values into their own framing).
+pub use structured::Splicer;
 
 use detect::Detectors;
+pub use kind::Kind;
 use kind::{KindSet, hints_of};
+pub use method::{REDACTED, TokenKey};
 use rules::Rule;
+pub use rules::{MaskRule, MaskRules, Method};
 use serde::Serialize;
 use std::{borrow::Cow, collections::BTreeMap, sync::Arc};
-use structured::Splicer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MaskError {
@@ -119,7 +121,7 @@ impl Masked<'_> {
 }
 
 /// Tallies for a session's record: how many values were masked, per rule and per kind.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct MaskCounts {
     /// Values with at least one finding.
     pub values: u64,

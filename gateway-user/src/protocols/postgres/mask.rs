@@ -27,7 +27,7 @@
 //!   (delimiter, quote, escape), each field masked and re-escaped. Binary COPY output cannot be
 //!   masked: it is dropped and the client gets an error instead (SQLSTATE 0A000).
 //! - **Errors and notices.** Message, detail, hint and context are scanned: a unique violation's
-//!   detail echoes the duplicate value.
+//!   detail echoes the duplicate value. So are NOTIFY payloads.
 //!
 //! ```text
 //! T (RowDescription) ─ per column: catalog name, ValueType, retype? ─▶ T' (types fixed)
@@ -36,7 +36,7 @@
 //! E / N              ─ M, D, H, W fields ─▶ E' / N'
 //! ```
 
-use crate::mask::{Column, ColumnMasker, MaskCounts, Masked, Masker, ValueType};
+use crate::mask::{Column, ColumnMasker, MaskCounts, Masked, Masker, Splicer, ValueType};
 use bytes::{BufMut, BytesMut};
 use std::{
     borrow::Cow,
@@ -217,25 +217,19 @@ impl<'m> ColPlan<'m> {
         }
     }
 
-    /// `v` masked for the client. `None`: unchanged; `Some(None)`: withheld (NULL).
-    fn value(&self, binary: bool, v: &[u8], counts: &mut MaskCounts) -> Option<Option<Vec<u8>>> {
-        if self.plan.kept() {
-            return None;
+    /// `v` masked for the client; a withheld value is counted here.
+    fn value(&self, binary: bool, v: &[u8], counts: &mut MaskCounts) -> Out {
+        let out = if self.plan.kept() || (!binary && self.class == Class::Typed && !self.retyped) {
+            Out::Same
+        } else if !binary {
+            Out::from(changed(self.plan.mask(v), counts))
+        } else {
+            binary_value(&self.plan, self.class, self.elem.as_ref(), v, counts)
+        };
+        if let Out::Withheld = out {
+            counts.add(&self.plan.withheld(v.len()));
         }
-        if !binary {
-            if self.class == Class::Typed && !self.retyped {
-                return None;
-            }
-            return changed(self.plan.mask(v), counts).map(Some);
-        }
-        match binary_value(&self.plan, self.class, self.elem.as_ref(), v, counts) {
-            Binary::Same => None,
-            Binary::Changed(out) => Some(Some(out)),
-            Binary::Withheld => {
-                counts.add(&self.plan.withheld(v.len()));
-                Some(None)
-            }
-        }
+        out
     }
 }
 
@@ -248,10 +242,18 @@ fn changed(m: Masked<'_>, counts: &mut MaskCounts) -> Option<Vec<u8>> {
     }
 }
 
-enum Binary {
+/// What becomes of one value.
+enum Out {
     Same,
     Changed(Vec<u8>),
+    /// Cannot be masked in place: sent as NULL.
     Withheld,
+}
+
+impl From<Option<Vec<u8>>> for Out {
+    fn from(changed: Option<Vec<u8>>) -> Self {
+        changed.map_or(Out::Same, Out::Changed)
+    }
 }
 
 /// A binary-format value of `class`, masked where its bytes can be read.
@@ -261,79 +263,79 @@ fn binary_value(
     elem: Option<&(Class, ColumnMasker<'_>)>,
     v: &[u8],
     counts: &mut MaskCounts,
-) -> Binary {
+) -> Out {
     if let Some((ec, ep)) = elem {
         if *ec == Class::Typed && !plan.rewrites_typed() {
-            return Binary::Same;
+            return Out::Same;
         }
         return binary_array(ep, *ec, v, counts);
     }
     match class {
-        Class::Textual => changed(plan.mask(v), counts).map_or(Binary::Same, Binary::Changed),
+        Class::Textual => Out::from(changed(plan.mask(v), counts)),
         Class::Jsonb => match v.split_first() {
             Some((1, json)) => changed(plan.mask(json), counts)
-                .map_or(Binary::Same, |m| Binary::Changed([&[1u8][..], &m].concat())),
-            _ => Binary::Withheld,
+                .map_or(Out::Same, |m| Out::Changed([&[1u8][..], &m].concat())),
+            _ => Out::Withheld,
         },
-        Class::Typed if !plan.rewrites_typed() => Binary::Same,
-        Class::Typed | Class::Opaque => Binary::Withheld,
+        Class::Typed if !plan.rewrites_typed() => Out::Same,
+        Class::Typed | Class::Opaque => Out::Withheld,
     }
 }
 
 /// A binary array (ndim, has-null flag, element OID, ndim × (length, lower bound), then each
 /// element as length + bytes), masked element by element; withheld if any element must be.
-fn binary_array(
-    plan: &ColumnMasker<'_>,
-    class: Class,
-    v: &[u8],
-    counts: &mut MaskCounts,
-) -> Binary {
+fn binary_array(plan: &ColumnMasker<'_>, class: Class, v: &[u8], counts: &mut MaskCounts) -> Out {
     let read = || -> Option<(usize, usize)> {
         let ndim = usize::try_from(be_i32(v, 0)?).ok()?;
-        let header = 12 + 8 * ndim;
         let mut n = 1usize;
         for d in 0..ndim {
             n = n.checked_mul(usize::try_from(be_i32(v, 12 + 8 * d)?).ok()?)?;
         }
-        Some((header, if ndim == 0 { 0 } else { n }))
+        Some((12 + 8 * ndim, if ndim == 0 { 0 } else { n }))
     };
     let Some((header, n)) = read() else {
-        return Binary::Withheld;
+        return Out::Withheld;
     };
-    let mut out: Option<Vec<u8>> = None;
-    let mut pos = header;
-    for _ in 0..n {
-        let Some(len) = be_i32(v, pos) else {
-            return Binary::Withheld;
-        };
+    let spliced = splice_values(v, header, n, false, |_, e| {
+        binary_value(plan, class, None, e, counts)
+    });
+    match spliced {
+        Some(out) => Out::from(out),
+        None => Out::Withheld,
+    }
+}
+
+/// `n` length-prefixed values (int32 length, -1 for NULL, then the bytes) from `src[pos..]`, as
+/// DataRows and binary arrays carry them, each passed through `f` (with its index). A withheld
+/// value becomes NULL when `null_withheld`, else ends the walk. `None`: the bytes are not `n`
+/// values, or the walk ended; `Some(None)`: nothing changed.
+fn splice_values(
+    src: &[u8],
+    mut pos: usize,
+    n: usize,
+    null_withheld: bool,
+    mut f: impl FnMut(usize, &[u8]) -> Out,
+) -> Option<Option<Vec<u8>>> {
+    let mut sp = Splicer::new(src);
+    for i in 0..n {
+        let len = be_i32(src, pos)?;
         let start = pos + 4;
-        if len < 0 {
-            if let Some(o) = &mut out {
-                o.extend_from_slice(&v[pos..start]);
-            }
-            pos = start;
-            continue;
-        }
-        let end = start + len as usize;
-        let Some(e) = v.get(start..end) else {
-            return Binary::Withheld;
-        };
-        match binary_value(plan, class, None, e, counts) {
-            Binary::Withheld => return Binary::Withheld,
-            Binary::Changed(m) => {
-                let o = out.get_or_insert_with(|| v[..pos].to_vec());
-                o.extend_from_slice(&(m.len() as i32).to_be_bytes());
-                o.extend_from_slice(&m);
-            }
-            Binary::Same => {
-                if let Some(o) = &mut out {
-                    o.extend_from_slice(&v[pos..end]);
-                }
+        let end = start + usize::try_from(len).unwrap_or(0);
+        if len >= 0 {
+            match f(i, src.get(start..end)?) {
+                Out::Same => {}
+                Out::Changed(b) => sp.replace(
+                    pos,
+                    end,
+                    &[&(b.len() as i32).to_be_bytes()[..], &b].concat(),
+                ),
+                Out::Withheld if null_withheld => sp.replace(pos, end, &(-1i32).to_be_bytes()),
+                Out::Withheld => return None,
             }
         }
         pos = end;
     }
-    out.map_or(Binary::Same, Binary::Changed)
+    Some(sp.finish())
 }
 
 fn be_i32(b: &[u8], at: usize) -> Option<i32> {
@@ -467,44 +469,25 @@ fn copy_row(
     row: &[u8],
     counts: &mut MaskCounts,
 ) -> Option<Vec<u8>> {
-    let (body, eol) = match row.strip_suffix(b"\r\n") {
-        Some(b) => (b, &b"\r\n"[..]),
-        None => match row.strip_suffix(b"\n") {
-            Some(b) => (b, &b"\n"[..]),
-            None => (row, &b""[..]),
-        },
-    };
-    let mut out: Option<Vec<u8>> = None;
+    let body = row.strip_suffix(b"\n").unwrap_or(row);
+    let body = body.strip_suffix(b"\r").unwrap_or(body);
+    let mut sp = Splicer::new(row);
     let mut pos = 0;
     loop {
         let end = field_end(f, body, pos);
         let raw = &body[pos..end];
-        let masked = (!is_null(f, raw))
-            .then(|| changed(plan.mask(&unescape(f, raw)), counts))
-            .flatten();
-        match masked {
-            Some(m) => {
-                let o = out.get_or_insert_with(|| body[..pos].to_vec());
-                escape(f, &m, o);
-            }
-            None => {
-                if let Some(o) = &mut out {
-                    o.extend_from_slice(raw);
-                }
-            }
+        if !is_null(f, raw)
+            && let Some(m) = changed(plan.mask(&unescape(f, raw)), counts)
+        {
+            let mut escaped = Vec::with_capacity(m.len() + 2);
+            escape(f, &m, &mut escaped);
+            sp.replace(pos, end, &escaped);
         }
         if end >= body.len() {
-            break;
-        }
-        if let Some(o) = &mut out {
-            o.push(f.delimiter);
+            return sp.finish();
         }
         pos = end + 1;
     }
-    out.map(|mut o| {
-        o.extend_from_slice(eol);
-        o
-    })
 }
 
 /// Where the field starting at `pos` ends (the next unquoted, unescaped delimiter, or the end).
@@ -806,28 +789,22 @@ impl<'m> ResultMasker<'m> {
 
     /// Mask a run of whole frames; the same bytes back when nothing changed.
     pub fn rewrite(&mut self, chunk: BytesMut) -> Result<BytesMut, MaskWireError> {
-        let mut out: Option<BytesMut> = None;
+        let mut sp = Splicer::new(&chunk);
         let mut pos = 0;
         while chunk.len() >= pos + 5 {
             let len = be_i32(&chunk, pos + 1).unwrap_or(4).max(4) as usize;
             let end = (pos + 1 + len).min(chunk.len());
-            let edit = self.frame(chunk[pos], &chunk[pos + 5..end])?;
-            match edit {
-                Edit::Keep => {
-                    if let Some(o) = &mut out {
-                        o.extend_from_slice(&chunk[pos..end]);
-                    }
-                }
-                Edit::Replace(f) => out
-                    .get_or_insert_with(|| BytesMut::from(&chunk[..pos]))
-                    .extend_from_slice(&f),
-                Edit::Drop => {
-                    out.get_or_insert_with(|| BytesMut::from(&chunk[..pos]));
-                }
+            match self.frame(chunk[pos], &chunk[pos + 5..end])? {
+                Edit::Keep => {}
+                Edit::Replace(f) => sp.replace(pos, end, &f),
+                Edit::Drop => sp.replace(pos, end, &[]),
             }
             pos = end;
         }
-        Ok(out.unwrap_or(chunk))
+        // Vec → Bytes → BytesMut takes the allocation over, without a copy.
+        Ok(sp
+            .finish()
+            .map_or(chunk, |v| BytesMut::from(bytes::Bytes::from(v))))
     }
 
     fn frame(&mut self, tag: u8, body: &[u8]) -> Result<Edit, MaskWireError> {
@@ -900,11 +877,13 @@ impl<'m> ResultMasker<'m> {
                 }
                 _ => Edit::Keep,
             },
-            b'E' | b'N' => {
+            b'E' => {
                 self.copy = None;
                 self.describing = None;
                 self.error_fields(tag, body)
             }
+            b'N' => self.error_fields(tag, body),
+            b'A' => self.notification(body),
             b'Z' => {
                 self.requests.answer(|p| matches!(p, Pending::Sync(_)));
                 self.rows = Rows::Unknown(Formats::default());
@@ -948,99 +927,69 @@ impl<'m> ResultMasker<'m> {
     }
 
     fn data_row(&mut self, body: &[u8]) -> Result<Edit, MaskWireError> {
-        let bad = || MaskWireError::Malformed("DataRow");
-        let n = be_i16(body, 0).ok_or_else(bad)?.max(0) as usize;
+        let n = be_i16(body, 0).ok_or(MaskWireError::Malformed("DataRow"))?;
         let (plans, formats) = match &self.rows {
             Rows::Unknown(f) => (None, f),
             Rows::Described(p, f) => (Some(p), f),
         };
-        let mut out: Option<Vec<u8>> = None;
-        let mut pos = 2;
-        for i in 0..n {
-            let len = be_i32(body, pos).ok_or_else(bad)?;
-            let start = pos + 4;
-            if len < 0 {
-                if let Some(o) = &mut out {
-                    o.extend_from_slice(&body[pos..start]);
-                }
-                pos = start;
-                continue;
-            }
-            let end = start + len as usize;
-            let v = body.get(start..end).ok_or_else(bad)?;
+        let (unknown, counts) = (&self.unknown, &mut self.counts);
+        let spliced = splice_values(body, 2, n.max(0) as usize, true, |i, v| {
             let binary = formats.binary(i);
-            let plan = plans.and_then(|p| p.get(i));
-            let outcome = match plan {
-                Some(p) => p.value(binary, v, &mut self.counts),
+            match plans.and_then(|p| p.get(i)) {
+                Some(p) => p.value(binary, v, counts),
                 // No description: text is scanned; binary cannot be read.
                 None if binary => {
-                    self.counts.add(&self.unknown.plan.withheld(v.len()));
-                    Some(None)
+                    counts.add(&unknown.plan.withheld(v.len()));
+                    Out::Withheld
                 }
-                None => self.unknown.value(false, v, &mut self.counts),
-            };
-            match outcome {
-                None => {
-                    if let Some(o) = &mut out {
-                        o.extend_from_slice(&body[pos..end]);
-                    }
-                }
-                Some(new) => {
-                    let o = out.get_or_insert_with(|| body[..pos].to_vec());
-                    match new {
-                        Some(b) => {
-                            o.extend_from_slice(&(b.len() as i32).to_be_bytes());
-                            o.extend_from_slice(&b);
-                        }
-                        None => o.extend_from_slice(&(-1i32).to_be_bytes()),
-                    }
-                }
+                None => unknown.value(false, v, counts),
             }
-            pos = end;
-        }
+        });
+        let out = spliced.ok_or(MaskWireError::Malformed("DataRow"))?;
         Ok(out.map_or(Edit::Keep, |b| Edit::Replace(frame(b'D', &b))))
+    }
+
+    /// NotificationResponse (pid, channel, payload): the payload scanned (NOTIFY carries data).
+    fn notification(&mut self, body: &[u8]) -> Edit {
+        let Some(channel_end) = body.get(4..).and_then(|b| memchr::memchr(0, b)) else {
+            return Edit::Keep;
+        };
+        let start = 4 + channel_end + 1;
+        let end = body.len().saturating_sub(1).max(start);
+        let mut sp = Splicer::new(body);
+        if let Some(m) = changed(self.unknown.plan.mask(&body[start..end]), &mut self.counts) {
+            sp.replace(start, end, &without_nul(m));
+        }
+        sp.finish()
+            .map_or(Edit::Keep, |b: Vec<u8>| Edit::Replace(frame(b'A', &b)))
     }
 
     /// ErrorResponse / NoticeResponse: message, detail, hint and context scanned.
     fn error_fields(&mut self, tag: u8, body: &[u8]) -> Edit {
-        let mut out: Option<Vec<u8>> = None;
+        let mut sp = Splicer::new(body);
         let mut pos = 0;
-        while let Some(&code) = body.get(pos) {
-            if code == 0 {
-                break;
-            }
+        while let Some(&code) = body.get(pos).filter(|&&c| c != 0) {
             let Some(nul) = memchr::memchr(0, &body[pos + 1..]) else {
                 break;
             };
-            let value = &body[pos + 1..pos + 1 + nul];
-            let end = pos + 2 + nul;
-            let masked = matches!(code, b'M' | b'D' | b'H' | b'W')
-                .then(|| changed(self.unknown.plan.mask(value), &mut self.counts))
-                .flatten();
-            match masked {
-                Some(m) => {
-                    let o = out.get_or_insert_with(|| body[..pos].to_vec());
-                    o.push(code);
-                    // A NUL would end the field early.
-                    o.extend(m.into_iter().filter(|&b| b != 0));
-                    o.push(0);
-                }
-                None => {
-                    if let Some(o) = &mut out {
-                        o.extend_from_slice(&body[pos..end]);
-                    }
-                }
+            let (start, end) = (pos + 1, pos + 1 + nul);
+            if matches!(code, b'M' | b'D' | b'H' | b'W')
+                && let Some(m) =
+                    changed(self.unknown.plan.mask(&body[start..end]), &mut self.counts)
+            {
+                sp.replace(start, end, &without_nul(m));
             }
-            pos = end;
+            pos = end + 1;
         }
-        match out {
-            Some(mut o) => {
-                o.push(0);
-                Edit::Replace(frame(tag, &o))
-            }
-            None => Edit::Keep,
-        }
+        sp.finish()
+            .map_or(Edit::Keep, |b: Vec<u8>| Edit::Replace(frame(tag, &b)))
     }
+}
+
+/// A NUL would end a C string field early.
+fn without_nul(mut v: Vec<u8>) -> Vec<u8> {
+    v.retain(|&b| b != 0);
+    v
 }
 
 /// A frame of `tag` around `body`.
@@ -1399,5 +1348,9 @@ mod tests {
             &frames(&out)[0].1,
             b"SERROR\0C23505\0Mduplicate key\0DKey (email)=(****) already exists.\0\0"
         );
+        let out = rm
+            .rewrite(frame(b'A', b"\0\0\0\x07chan\0new a@b.io\0"))
+            .unwrap();
+        assert_eq!(&frames(&out)[0].1, b"\0\0\0\x07chan\0new ****\0");
     }
 }

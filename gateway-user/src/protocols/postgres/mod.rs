@@ -94,9 +94,10 @@ pub struct Shared {
     pub tls_connectors: HashMap<String, TlsConnector>,
     /// Proxy-issued cancel key → the upstream backend that key stands for.
     cancels: Mutex<HashMap<CancelKeyPair, UpstreamBackend>>,
-    /// Per target: what its catalog says about user objects, read at login and kept for
+    /// Per target and database (OIDs are per database, and a target without `database` serves
+    /// any): what its catalog says about user objects, read at login and kept for
     /// [`CATALOG_TTL`].
-    catalogs: Mutex<HashMap<String, (std::time::Instant, Arc<Catalog>)>>,
+    catalogs: Mutex<HashMap<CatalogKey, (std::time::Instant, Arc<Catalog>)>>,
 }
 
 /// What a session needs from the target's catalog, outside pg_catalog and information_schema.
@@ -114,6 +115,8 @@ type CancelKeyPair = (i32, i32);
 /// Where a cancel must go: the upstream address and the backend's own key pair.
 type UpstreamBackend = (SocketAddr, i32, i32);
 type FunctionNames = Arc<std::collections::HashSet<String>>;
+/// (target name, database).
+type CatalogKey = (String, String);
 
 /// How long a target's catalog is trusted before a login reads it again.
 const CATALOG_TTL: Duration = Duration::from_secs(30);
@@ -124,14 +127,16 @@ const USER_FUNCTIONS_SQL: &str = "SELECT DISTINCT p.proname FROM pg_catalog.pg_p
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
 impl Shared {
-    /// The target's catalog, read over this freshly logged-in upstream session when the cached
-    /// copy is older than [`CATALOG_TTL`].
+    /// The catalog of the target's `database`, read over this freshly logged-in upstream
+    /// session when the cached copy is older than [`CATALOG_TTL`].
     async fn catalog(
         &self,
         target: &str,
+        database: &str,
         up: &mut upstream::Upstream,
     ) -> Result<Arc<Catalog>, upstream::UpstreamError> {
-        if let Some((at, c)) = self.catalogs.lock().unwrap().get(target)
+        let key = (target.to_owned(), database.to_owned());
+        if let Some((at, c)) = self.catalogs.lock().unwrap().get(&key)
             && at.elapsed() < CATALOG_TTL
         {
             return Ok(c.clone());
@@ -145,7 +150,7 @@ impl Shared {
         self.catalogs
             .lock()
             .unwrap()
-            .insert(target.to_owned(), (std::time::Instant::now(), c.clone()));
+            .insert(key, (std::time::Instant::now(), c.clone()));
         Ok(c)
     }
 
@@ -260,7 +265,10 @@ pub async fn serve(
     };
     let login = async {
         let mut up = upstream::login(s.upstream, tls, cred, &checked.database, &extra).await?;
-        let catalog = s.shared.catalog(&s.target.name, &mut up).await?;
+        let catalog = s
+            .shared
+            .catalog(&s.target.name, &checked.database, &mut up)
+            .await?;
         Ok::<_, upstream::UpstreamError>((up, catalog))
     };
     let (up, catalog) = match login.await {
