@@ -43,27 +43,14 @@ fn env_with_pg(pg: Postgres) -> Env {
 }
 
 impl Env {
-    /// A libpq connection string to the server, as the agent knows it: no password, any user.
-    /// In the clear (the TLS tests ask for TLS themselves): with libpq's default `prefer`, a
-    /// refused startup over TLS is retried in the clear, which would double the sessions the
-    /// tests count.
+    /// See [`Postgres::agent_conninfo`] (the TLS tests ask for TLS themselves).
     fn conninfo(&self, extra: &str) -> String {
-        let ssl = if extra.contains("sslmode") {
-            ""
-        } else {
-            "sslmode=disable"
-        };
-        format!(
-            "host=127.0.0.1 port={} dbname=app user=whoever connect_timeout=10 {ssl} {extra}",
-            self.pg.port
-        )
+        self.pg.agent_conninfo(extra)
     }
 
     /// Run an agent program as `agent` under a time limit (a hang fails the test, not the run).
     fn agent(&self, args: &[&str]) -> Output {
-        let mut full = vec!["timeout", "-k", "5", "60"];
-        full.extend_from_slice(args);
-        self.d.run_agent("agent", &full)
+        self.d.run_agent_timed("agent", args)
     }
 
     /// `psql -X <conninfo + extra> ARGS…` as the agent.
@@ -351,24 +338,9 @@ fn pgbench_select_only_runs_through_the_proxy() {
         return;
     }
     let e = env();
-    let port = e.pg.port.to_string();
     for mode in ["prepared", "simple", "extended"] {
-        let o = e.agent(&[
-            "pgbench",
-            "-n",
-            "-S",
-            "-M",
-            mode,
-            "-t",
-            "50",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            "x",
-            "app",
-        ]);
+        let args = e.pg.agent_pgbench(&["-n", "-S", "-M", mode, "-t", "50"]);
+        let o = e.agent(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert_eq!(o.status.code(), Some(0), "pgbench -M {mode}: {}", show(&o));
         let out = stdout(&o);
         assert!(
