@@ -22,12 +22,13 @@ const SECRETS: &[&str] = &[
     "10.1.2.3",
 ];
 
-const SETUP: &str = "CREATE TABLE customers(id int PRIMARY KEY, email text, card text, notes text,
-       ip inet, doc jsonb, tags text[]);
+const SETUP: &str = "CREATE TYPE tier AS ENUM ('gold', 'silver');
+     CREATE TABLE customers(id int PRIMARY KEY, email text, card text, notes text,
+       ip inet, doc jsonb, tags text[], tier tier);
      INSERT INTO customers VALUES
        (1, 'ada@example.com', '5555555555554444', 'call jane.doe@example.org re 5555 5555 5555 4444',
-        '10.1.2.3', '{\"contact\": \"bob@example.net\", \"n\": 1}', '{x,carol@example.com}'),
-       (2, 'brian@example.com', '378282246310005', 'nothing to see', NULL, '{\"n\": 2}', '{y}');
+        '10.1.2.3', '{\"contact\": \"bob@example.net\", \"n\": 1}', '{x,carol@example.com}', 'gold'),
+       (2, 'brian@example.com', '378282246310005', 'nothing to see', NULL, '{\"n\": 2}', '{y}', NULL);
      CREATE TABLE signups(email text UNIQUE);
      INSERT INTO signups VALUES ('ada@example.com');
      GRANT SELECT ON customers, signups TO agent_ro;
@@ -118,7 +119,8 @@ fn psql_results_are_masked_whatever_the_query_shape() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 2, "{out}");
     assert_eq!(
-        lines[0], "1|****|****|call **** re ****|****|{\"n\": 1, \"contact\": \"****\"}|{x,****}",
+        lines[0],
+        "1|****|****|call **** re ****|****|{\"n\": 1, \"contact\": \"****\"}|{x,****}|gold",
         "{out}"
     );
     assert!(
@@ -145,7 +147,7 @@ fn copy_out_is_masked_field_by_field_and_binary_copy_is_refused() {
     let e = env("");
     let out = e.psql_ok(&["-c", "\\copy customers to stdout"]);
     for line in out.lines() {
-        assert_eq!(line.matches('\t').count(), 6, "{out}");
+        assert_eq!(line.matches('\t').count(), 7, "{out}");
     }
     assert!(
         out.starts_with("1\t****\t****\tcall **** re ****\t****\t"),
@@ -224,8 +226,10 @@ with psycopg.connect(sys.argv[1]) as conn:
     out["types"] = [d.type_code for d in cur.description]
     out["text"] = [[str(v) if v is not None else None for v in r] for r in cur.fetchall()]
     cur = conn.cursor(binary=True)
-    cur.execute("SELECT id, email, doc, tags, card FROM customers ORDER BY id")
-    out["binary"] = [[v if not isinstance(v, (dict, list)) else json.dumps(v) if isinstance(v, dict) else v for v in r] for r in cur.fetchall()]
+    cur.execute("SELECT id, email, doc, tags, card, tier FROM customers ORDER BY id")
+    # psycopg gives unregistered types (the enum) in binary as bytes.
+    plain = lambda v: json.dumps(v) if isinstance(v, dict) else v.decode() if isinstance(v, bytes) else v
+    out["binary"] = [[plain(v) for v in r] for r in cur.fetchall()]
     # Prepared statements: psycopg prepares on the first run with prepare=True.
     for _ in range(3):
         r = conn.execute("SELECT email, id FROM customers WHERE id = %s", [1], prepare=True).fetchone()
@@ -313,6 +317,8 @@ fn typed_clients_decode_masked_columns_and_the_record_counts_without_values() {
     assert_eq!(b[3], serde_json::json!(["x", "****"]), "{out:#}");
     let token = b[4].as_str().unwrap().to_string();
     assert!(token.starts_with("tok_"), "{out:#}");
+    // The target's enum travels as text in binary too: read, not withheld.
+    assert_eq!(b[5], "gold", "{out:#}");
     assert_eq!(
         out["prepared"],
         serde_json::json!(["****", "****"]),

@@ -15,7 +15,8 @@
 //!   types the engine scans as text but that are not text (inet, enums, ranges, extension types),
 //!   always. So `SELECT id` under a column rule reaches psql and psycopg as the text `****`.
 //! - **Binary format.** Only values whose binary form is their text are scanned (the text family,
-//!   and jsonb after its version byte; arrays of them element by element). A binary value that
+//!   the target's enums and citext, and jsonb after its version byte; arrays of them element by
+//!   element). A binary value that
 //!   cannot be read but may need masking is withheld: sent as NULL, counted as masked.
 //! - **Column names.** `schema.table.column` comes from the target's catalog (table OID and
 //!   attnum of the RowDescription), read at login; the column's own name, not an alias the
@@ -50,10 +51,14 @@ pub enum MaskWireError {
     Malformed(&'static str),
 }
 
-/// The target's user columns: `(table OID, attnum)` → column name and `schema.table.column`.
+/// The target's user columns: `(table OID, attnum)` → column name and `schema.table.column`;
+/// and its user types whose values travel as text in both formats (enums, citext), with their
+/// array types.
 #[derive(Debug, Default)]
 pub struct Relations {
     columns: HashMap<(u32, i16), (Arc<str>, Arc<str>)>,
+    /// Type OID → whether it is the array type.
+    text_types: HashMap<u32, bool>,
 }
 
 /// Columns of user relations (tables, views, materialized views, foreign and partitioned
@@ -66,9 +71,16 @@ pub const RELATIONS_SQL: &str = "SELECT c.oid, a.attnum, n.nspname, c.relname, a
      AND n.nspname NOT LIKE 'pg_toast%' AND c.relkind IN ('r', 'v', 'm', 'f', 'p') \
      AND a.attnum > 0 AND NOT a.attisdropped";
 
+/// User types (OIDs from 16384) whose send function sends the text: enums, citext, and types
+/// built on the text functions; with their array types. `Relations::from_rows` reads them.
+pub const TEXT_TYPES_SQL: &str = "SELECT t.oid, t.typarray FROM pg_catalog.pg_type t \
+     WHERE t.oid >= 16384 AND t.typsend::text IN \
+     ('textsend', 'enum_send', 'citextsend', 'varcharsend', 'bpcharsend')";
+
 impl Relations {
-    /// From the rows of [`RELATIONS_SQL`]; rows that do not parse are skipped.
-    pub fn from_rows(rows: Vec<Vec<Option<String>>>) -> Self {
+    /// From the rows of [`RELATIONS_SQL`] and [`TEXT_TYPES_SQL`]; rows that do not parse are
+    /// skipped.
+    pub fn from_rows(rows: Vec<Vec<Option<String>>>, types: Vec<Vec<Option<String>>>) -> Self {
         let columns = rows
             .into_iter()
             .filter_map(|r| {
@@ -84,7 +96,24 @@ impl Relations {
                 ))
             })
             .collect();
-        Self { columns }
+        let oid = |v: &Option<String>| v.as_deref().and_then(|o| o.parse::<u32>().ok());
+        let text_types = types
+            .iter()
+            .flat_map(|r| {
+                let scalar = r.first().and_then(oid).map(|o| (o, false));
+                let array = r
+                    .get(1)
+                    .and_then(oid)
+                    .filter(|&o| o != 0)
+                    .map(|o| (o, true));
+                [scalar, array]
+            })
+            .flatten()
+            .collect();
+        Self {
+            columns,
+            text_types,
+        }
     }
 
     fn get(&self, table: u32, attnum: i16) -> Option<&(Arc<str>, Arc<str>)> {
@@ -107,7 +136,16 @@ enum Class {
 }
 
 /// A type OID's `ValueType` for the engine and its [`Class`]; arrays also give their element's.
-fn type_of(oid: u32) -> (ValueType, Class, Option<Class>) {
+/// `rel` knows the target's own text-like types.
+fn type_of(oid: u32, rel: &Relations) -> (ValueType, Class, Option<Class>) {
+    match rel.text_types.get(&oid) {
+        Some(false) => return (ValueType::Text, Class::Textual, None),
+        Some(true) => {
+            let text = ValueType::Array(Box::new(ValueType::Text));
+            return (text, Class::Textual, Some(Class::Textual));
+        }
+        None => {}
+    }
     let elem = match oid {
         1009 => Some(25),
         1015 => Some(1043),
@@ -176,7 +214,7 @@ struct ColPlan<'m> {
 
 impl<'m> ColPlan<'m> {
     fn new(m: &'m Masker, rel: &Relations, f: &FieldDesc<'_>) -> Self {
-        let (ty, class, elem_class) = type_of(f.type_oid);
+        let (ty, class, elem_class) = type_of(f.type_oid, rel);
         let output = String::from_utf8_lossy(f.name);
         // The source column's own name when the catalog knows it: an alias must not dodge a rule.
         let (name, qualified) = match rel.get(f.table_oid, f.attnum) {
@@ -1091,31 +1129,39 @@ mod tests {
                 .map(|s| Some(if *s == "16384" { oid } else { s }.to_string()))
                 .collect()
         };
-        Arc::new(Relations::from_rows(vec![
-            row("16384", "1", "id"),
-            row("16384", "2", "email"),
-            vec![None],
-        ]))
+        let ty = |t: &str, a: &str| vec![Some(t.to_string()), Some(a.to_string())];
+        Arc::new(Relations::from_rows(
+            vec![
+                row("16384", "1", "id"),
+                row("16384", "2", "email"),
+                vec![None],
+            ],
+            vec![ty("16400", "16399"), vec![None]],
+        ))
     }
 
     #[test]
     fn type_oids_map_to_value_types() {
+        let rel = relations();
+        let type_of = |oid| type_of(oid, &rel);
         assert_eq!(type_of(23).0, ValueType::Number);
         assert_eq!(type_of(1184).0, ValueType::Timestamp);
         assert_eq!(type_of(3802).1, Class::Jsonb);
-        assert_eq!(
-            type_of(1009),
-            (
-                ValueType::Array(Box::new(ValueType::Text)),
-                Class::Textual,
-                Some(Class::Textual)
-            )
+        let text_array = (
+            ValueType::Array(Box::new(ValueType::Text)),
+            Class::Textual,
+            Some(Class::Textual),
         );
+        assert_eq!(type_of(1009), text_array);
         assert_eq!(
             type_of(1007).0,
             ValueType::Array(Box::new(ValueType::Number))
         );
         assert_eq!(type_of(869), (ValueType::Text, Class::Opaque, None));
+        // The target's enum (and its array type) travel as text.
+        assert_eq!(type_of(16400), (ValueType::Text, Class::Textual, None));
+        assert_eq!(type_of(16399), text_array);
+        assert_eq!(type_of(16500).1, Class::Opaque);
     }
 
     #[test]

@@ -106,7 +106,8 @@ struct Catalog {
     /// Function names: an agent could call them by attribute notation, which the built-in list
     /// cannot know.
     functions: FunctionNames,
-    /// Columns of user relations, to name the columns of results for masking rules.
+    /// Columns of user relations, to name the columns of results for masking rules; user types
+    /// that travel as text.
     relations: Arc<mask::Relations>,
 }
 
@@ -143,9 +144,10 @@ impl Shared {
         }
         let functions = upstream::query_column(up, USER_FUNCTIONS_SQL).await?;
         let relations = upstream::query_rows(up, mask::RELATIONS_SQL).await?;
+        let text_types = upstream::query_rows(up, mask::TEXT_TYPES_SQL).await?;
         let c = Arc::new(Catalog {
             functions: Arc::new(functions.into_iter().collect()),
-            relations: Arc::new(mask::Relations::from_rows(relations)),
+            relations: Arc::new(mask::Relations::from_rows(relations, text_types)),
         });
         self.catalogs
             .lock()
