@@ -298,6 +298,14 @@ fn typed_clients_decode_masked_columns_and_the_record_counts_without_values() {
     ]);
     assert_eq!(out, "****|7\n****|7\n");
 
+    // COPY of a table: its columns are known, so column rules apply there too (not to the
+    // header row).
+    let out = e.psql_ok(&[
+        "-c",
+        "\\copy customers (email, id) to stdout with csv header",
+    ]);
+    assert_eq!(out, "email,id\n\"****\",\"****\"\n\"****\",\"****\"\n");
+
     let out = e.python(PY_TYPED);
     // id retyped as text (25); inet (869) retyped as text; jsonb and text[] keep their types.
     assert_eq!(

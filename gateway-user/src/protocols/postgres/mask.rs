@@ -25,8 +25,10 @@
 //!   statement name; a portal executed without any description gets detector-only text columns
 //!   (binary values withheld).
 //! - **COPY.** Text and CSV rows are split into fields with the statement's own options
-//!   (delimiter, quote, escape), each field masked and re-escaped. Binary COPY output cannot be
-//!   masked: it is dropped and the client gets an error instead (SQLSTATE 0A000).
+//!   (delimiter, quote, escape), each field masked and re-escaped; `COPY table [(columns)]`
+//!   gives the fields their columns (catalog order), `COPY (query)` only the detectors. Binary
+//!   COPY output cannot be masked: it is dropped and the client gets an error instead (SQLSTATE
+//!   0A000).
 //! - **Errors and notices.** Message, detail, hint and context are scanned: a unique violation's
 //!   detail echoes the duplicate value. So are NOTIFY payloads.
 //!
@@ -56,10 +58,16 @@ pub enum MaskWireError {
 /// array types.
 #[derive(Debug, Default)]
 pub struct Relations {
-    columns: HashMap<(u32, i16), (Arc<str>, Arc<str>)>,
+    columns: HashMap<(u32, i16), ColumnName>,
     /// Type OID → whether it is the array type.
     text_types: HashMap<u32, bool>,
+    /// (schema, table) → its columns' names and qualified names, in order: what `COPY table`
+    /// sends.
+    tables: HashMap<(String, String), Vec<ColumnName>>,
 }
+
+/// A column's name and `schema.table.column`.
+type ColumnName = (Arc<str>, Arc<str>);
 
 /// Columns of user relations (tables, views, materialized views, foreign and partitioned
 /// tables) outside the system schemas, as `Relations::from_rows` reads them.
@@ -81,19 +89,30 @@ impl Relations {
     /// From the rows of [`RELATIONS_SQL`] and [`TEXT_TYPES_SQL`]; rows that do not parse are
     /// skipped.
     pub fn from_rows(rows: Vec<Vec<Option<String>>>, types: Vec<Vec<Option<String>>>) -> Self {
-        let columns = rows
+        let mut columns = HashMap::new();
+        let mut tables: HashMap<(String, String), Vec<(i16, ColumnName)>> = HashMap::new();
+        for r in rows {
+            let Ok([Some(oid), Some(num), Some(schema), Some(table), Some(col)]) =
+                <[Option<String>; 5]>::try_from(r)
+            else {
+                continue;
+            };
+            let (Ok(oid), Ok(num)) = (oid.parse::<u32>(), num.parse::<i16>()) else {
+                continue;
+            };
+            let qualified: Arc<str> = format!("{schema}.{table}.{col}").into();
+            let name: ColumnName = (col.into(), qualified);
+            tables
+                .entry((schema, table))
+                .or_default()
+                .push((num, name.clone()));
+            columns.insert((oid, num), name);
+        }
+        let tables = tables
             .into_iter()
-            .filter_map(|r| {
-                let [Some(oid), Some(num), Some(schema), Some(table), Some(col)] =
-                    <[Option<String>; 5]>::try_from(r).ok()?
-                else {
-                    return None;
-                };
-                let qualified: Arc<str> = format!("{schema}.{table}.{col}").into();
-                Some((
-                    (oid.parse().ok()?, num.parse().ok()?),
-                    (col.into(), qualified),
-                ))
+            .map(|(k, mut cols)| {
+                cols.sort_by_key(|c| c.0);
+                (k, cols.into_iter().map(|c| c.1).collect())
             })
             .collect();
         let oid = |v: &Option<String>| v.as_deref().and_then(|o| o.parse::<u32>().ok());
@@ -113,11 +132,37 @@ impl Relations {
         Self {
             columns,
             text_types,
+            tables,
         }
     }
 
-    fn get(&self, table: u32, attnum: i16) -> Option<&(Arc<str>, Arc<str>)> {
+    fn get(&self, table: u32, attnum: i16) -> Option<&ColumnName> {
         self.columns.get(&(table, attnum))
+    }
+
+    /// The columns a `COPY table [(columns)]` sends, in order; none for `COPY (query)` or a
+    /// table the catalog does not know.
+    fn copy_columns(&self, c: &CopyOut) -> Vec<ColumnName> {
+        let Some((schema, table)) = &c.table else {
+            return Vec::new();
+        };
+        // Unqualified names resolve in `public`: the session's search_path is set to it.
+        let schema = schema.as_deref().unwrap_or("public");
+        let Some(cols) = self.tables.get(&(schema.to_owned(), table.clone())) else {
+            return Vec::new();
+        };
+        if c.columns.is_empty() {
+            return cols.clone();
+        }
+        c.columns
+            .iter()
+            .map(|want| {
+                cols.iter()
+                    .find(|(n, _)| **n == **want)
+                    .cloned()
+                    .unwrap_or_else(|| (want.as_str().into(), "".into()))
+            })
+            .collect()
     }
 }
 
@@ -440,9 +485,22 @@ impl Default for CopyFormat {
     }
 }
 
-/// The row formats of the `COPY … TO STDOUT` statements in `sql`, in order (empty when there are
-/// none or it does not parse: rows are then read as text format).
-pub fn copy_formats(sql: &str) -> VecDeque<CopyFormat> {
+/// A `COPY … TO STDOUT`: its row format, and the table and columns it copies (none for
+/// `COPY (query)`).
+#[derive(Debug, Clone, Default)]
+pub struct CopyOut {
+    pub format: CopyFormat,
+    /// The first row holds column names (`HEADER`).
+    pub header: bool,
+    /// Schema (`None`: unqualified) and table.
+    pub table: Option<(Option<String>, String)>,
+    /// `COPY t (a, b)`: the columns named.
+    pub columns: Vec<String>,
+}
+
+/// The `COPY … TO STDOUT` statements in `sql`, in order (empty when there are none or it does
+/// not parse: rows are then read as text format, fields by the detectors only).
+pub fn copy_outs(sql: &str) -> VecDeque<CopyOut> {
     use pg_query::protobuf::node::Node;
     if !sql
         .as_bytes()
@@ -470,6 +528,7 @@ pub fn copy_formats(sql: &str) -> VecDeque<CopyFormat> {
             continue;
         }
         let mut f = CopyFormat::default();
+        let mut header = false;
         let mut escape = None;
         for o in &c.options {
             let Some(Node::DefElem(d)) = &o.node else {
@@ -481,6 +540,18 @@ pub fn copy_formats(sql: &str) -> VecDeque<CopyFormat> {
                 "delimiter" => f.delimiter = first().unwrap_or(f.delimiter),
                 "quote" => f.quote = first().unwrap_or(f.quote),
                 "escape" => escape = first(),
+                // `HEADER` alone, or true/on/1/match.
+                "header" => {
+                    header = string(&d.arg).is_none_or(|v| {
+                        !matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "0")
+                    }) && !matches!(
+                        d.arg.as_deref().and_then(|n| n.node.as_ref()),
+                        Some(Node::Boolean(b)) if !b.boolval
+                    ) && !matches!(
+                        d.arg.as_deref().and_then(|n| n.node.as_ref()),
+                        Some(Node::Integer(i)) if i.ival == 0
+                    )
+                }
                 _ => {}
             }
         }
@@ -495,14 +566,33 @@ pub fn copy_formats(sql: &str) -> VecDeque<CopyFormat> {
         }
         // CSV's escape defaults to its quote.
         f.escape = escape.unwrap_or(f.quote);
-        out.push_back(f);
+        let table = c.relation.as_ref().map(|r| {
+            let schema = (!r.schemaname.is_empty()).then(|| r.schemaname.clone());
+            (schema, r.relname.clone())
+        });
+        let columns = c
+            .attlist
+            .iter()
+            .filter_map(|n| match &n.node {
+                Some(Node::String(s)) => Some(s.sval.clone()),
+                _ => None,
+            })
+            .collect();
+        out.push_back(CopyOut {
+            format: f,
+            header,
+            table,
+            columns,
+        });
     }
     out
 }
 
-/// A COPY row (one CopyData) with each field masked; `None` when nothing changed.
+/// A COPY row (one CopyData) with each field masked by its column's plan (`fallback` past the
+/// known columns); `None` when nothing changed.
 fn copy_row(
-    plan: &ColumnMasker<'_>,
+    plans: &[ColumnMasker<'_>],
+    fallback: &ColumnMasker<'_>,
     f: CopyFormat,
     row: &[u8],
     counts: &mut MaskCounts,
@@ -511,7 +601,8 @@ fn copy_row(
     let body = body.strip_suffix(b"\r").unwrap_or(body);
     let mut sp = Splicer::new(row);
     let mut pos = 0;
-    loop {
+    for i in 0.. {
+        let plan = plans.get(i).unwrap_or(fallback);
         let end = field_end(f, body, pos);
         let raw = &body[pos..end];
         if !is_null(f, raw)
@@ -522,10 +613,11 @@ fn copy_row(
             sp.replace(pos, end, &escaped);
         }
         if end >= body.len() {
-            return sp.finish();
+            break;
         }
         pos = end + 1;
     }
+    sp.finish()
 }
 
 /// Where the field starting at `pos` ends (the next unquoted, unescaped delimiter, or the end).
@@ -672,7 +764,7 @@ enum Pending {
     /// Describe of a statement: its ParameterDescription, then RowDescription or NoData.
     DescribeStatement(String),
     /// Sync or Query: answered by ReadyForQuery. A Query's `COPY … TO STDOUT` formats, in order.
-    Sync(VecDeque<CopyFormat>),
+    Sync(VecDeque<CopyOut>),
 }
 
 /// Client frames the server-to-client half must know about, noted by the client-to-server half
@@ -698,7 +790,7 @@ impl Requests {
             },
             b'D' if body.first() == Some(&b'S') => Pending::DescribeStatement(cstr(&body[1..])),
             b'S' => Pending::Sync(VecDeque::new()),
-            b'Q' => Pending::Sync(copy_formats(&String::from_utf8_lossy(
+            b'Q' => Pending::Sync(copy_outs(&String::from_utf8_lossy(
                 body.strip_suffix(&[0]).unwrap_or(body),
             ))),
             _ => return,
@@ -722,11 +814,11 @@ impl Requests {
     }
 
     /// The next COPY format of the Query being answered.
-    fn next_copy(&self) -> CopyFormat {
+    fn next_copy(&self) -> CopyOut {
         let mut q = self.queue.lock().unwrap();
         match q.front_mut() {
             Some(Pending::Sync(c)) => c.pop_front().unwrap_or_default(),
-            _ => CopyFormat::default(),
+            _ => CopyOut::default(),
         }
     }
 }
@@ -792,13 +884,18 @@ pub struct ResultMasker<'m> {
     statements: HashMap<String, Arc<[ColPlan<'m>]>>,
     /// A statement Describe's RowDescription is next.
     describing: Option<String>,
-    copy: Option<Copying>,
+    copy: Option<Copying<'m>>,
     pub counts: MaskCounts,
 }
 
-#[derive(Clone, Copy)]
-enum Copying {
-    Rows(CopyFormat),
+enum Copying<'m> {
+    /// Text or CSV rows: each field with its column's plan (when the table is known), the
+    /// header row (column names) left alone.
+    Rows {
+        format: CopyFormat,
+        plans: Vec<ColumnMasker<'m>>,
+        header: bool,
+    },
     /// Binary COPY output: dropped; the CommandComplete becomes an error.
     Refused,
 }
@@ -884,19 +981,38 @@ impl<'m> ResultMasker<'m> {
             }
             b'H' => {
                 let binary = body.first() == Some(&1);
-                let format = self.requests.next_copy();
+                let out = self.requests.next_copy();
                 if binary {
                     self.copy = Some(Copying::Refused);
-                    Edit::Drop
-                } else {
-                    self.copy = Some(Copying::Rows(format));
+                    return Ok(Edit::Drop);
+                }
+                let plans = self
+                    .relations
+                    .copy_columns(&out)
+                    .iter()
+                    .map(|(name, qualified)| {
+                        self.masker.column(&Column {
+                            name: Some(name),
+                            qualified: Some(&**qualified).filter(|q| !q.is_empty()),
+                            ty: ValueType::Text,
+                        })
+                    })
+                    .collect();
+                self.copy = Some(Copying::Rows {
+                    format: out.format,
+                    plans,
+                    header: out.header,
+                });
+                Edit::Keep
+            }
+            b'd' | b'c' => match &mut self.copy {
+                Some(Copying::Refused) => Edit::Drop,
+                Some(Copying::Rows { header, .. }) if *header && tag == b'd' => {
+                    *header = false;
                     Edit::Keep
                 }
-            }
-            b'd' | b'c' => match self.copy {
-                Some(Copying::Refused) => Edit::Drop,
-                Some(Copying::Rows(f)) if tag == b'd' => {
-                    match copy_row(&self.unknown.plan, f, body, &mut self.counts) {
+                Some(Copying::Rows { format, plans, .. }) if tag == b'd' => {
+                    match copy_row(plans, &self.unknown.plan, *format, body, &mut self.counts) {
                         Some(row) => Edit::Replace(frame(b'd', &row)),
                         None => Edit::Keep,
                     }
@@ -1329,6 +1445,7 @@ mod tests {
         let text = CopyFormat::default();
         assert_eq!(
             copy_row(
+                &[],
                 &plan,
                 text,
                 b"1\tada@example.com\t\\N\tx\\tb@c.io\n",
@@ -1337,11 +1454,12 @@ mod tests {
             .unwrap(),
             b"1\t****\t\\N\tx\\t****\n"
         );
-        assert_eq!(copy_row(&plan, text, b"1\tclean\n", &mut counts), None);
-        let csv = copy_formats("COPY (SELECT 1) TO STDOUT WITH (FORMAT csv)")[0];
+        assert_eq!(copy_row(&[], &plan, text, b"1\tclean\n", &mut counts), None);
+        let csv = copy_outs("COPY (SELECT 1) TO STDOUT WITH (FORMAT csv)")[0].format;
         assert_eq!(csv.delimiter, b',');
         assert_eq!(
             copy_row(
+                &[],
                 &plan,
                 csv,
                 b"1,\"a, ada@example.com\",,\"q\"\"\"\n",
@@ -1351,15 +1469,20 @@ mod tests {
             b"1,\"a, ****\",,\"q\"\"\"\n"
         );
         assert_eq!(counts.values, 3);
-        let f = copy_formats(
-            "copy t to stdout csv delimiter ';' quote '''' escape '\\'; select 1; COPY t FROM STDIN",
+        let c = copy_outs(
+            "copy s.t (b, a) to stdout csv header delimiter ';' quote '''' escape '\\'; select 1; COPY t FROM STDIN",
         );
-        assert_eq!(f.len(), 1);
+        assert_eq!(c.len(), 1);
+        let f = c[0].format;
         assert_eq!(
-            (f[0].csv, f[0].delimiter, f[0].quote, f[0].escape),
+            (f.csv, f.delimiter, f.quote, f.escape),
             (true, b';', b'\'', b'\\')
         );
-        assert!(copy_formats("SELECT 1").is_empty());
+        assert!(c[0].header);
+        assert_eq!(c[0].table, Some((Some("s".into()), "t".into())));
+        assert_eq!(c[0].columns, ["b", "a"]);
+        assert!(!copy_outs("COPY t TO STDOUT (HEADER false)")[0].header);
+        assert!(copy_outs("SELECT 1").is_empty());
     }
 
     #[test]
