@@ -262,6 +262,16 @@ def frames_until_z():
         out.append((tag, body))
         if tag == b"Z":
             return out
+def data_rows(frames):
+    out = []
+    for tag, body in frames:
+        if tag == b"D":
+            n, pos, vals = struct.unpack("!h", body[:2])[0], 2, []
+            for _ in range(n):
+                l = struct.unpack("!i", body[pos:pos + 4])[0]; pos += 4
+                vals.append(None if l < 0 else body[pos:pos + l].hex()); pos += max(l, 0)
+            out.append(vals)
+    return out
 frames_until_z()
 send(b"P", b"s1\0SELECT email, id, notes FROM customers ORDER BY id\0\0\0")
 send(b"D", b"Ss1\0")
@@ -272,14 +282,19 @@ for _ in range(2):
     send(b"B", b"\0s1\0" + struct.pack("!hhh", 0, 0, 1) + struct.pack("!h", 1))
     send(b"E", b"\0" + struct.pack("!i", 0))
     send(b"S", b"")
-    for tag, body in frames_until_z():
-        if tag == b"D":
-            n, pos, vals = struct.unpack("!h", body[:2])[0], 2, []
-            for _ in range(n):
-                l = struct.unpack("!i", body[pos:pos + 4])[0]; pos += 4
-                vals.append(None if l < 0 else body[pos:pos + l].hex()); pos += max(l, 0)
-            rows.append(vals)
-print(json.dumps({"tags": [t.decode() for t, _ in described], "rows": rows}))
+    rows += data_rows(frames_until_z())
+# A named portal in a transaction, fetched one row at a time over two Syncs (as JDBC does with
+# a fetch size): the second Execute comes with no Bind and no Describe.
+send(b"Q", b"BEGIN\0"); frames_until_z()
+send(b"B", b"p1\0s1\0" + struct.pack("!hhh", 0, 0, 1) + struct.pack("!h", 1))
+send(b"E", b"p1\0" + struct.pack("!i", 1))
+send(b"S", b"")
+portal_rows = data_rows(frames_until_z())
+send(b"E", b"p1\0" + struct.pack("!i", 1))
+send(b"S", b"")
+portal_rows += data_rows(frames_until_z())
+send(b"Q", b"COMMIT\0"); frames_until_z()
+print(json.dumps({"tags": [t.decode() for t, _ in described], "rows": rows, "portal_rows": portal_rows}))
 "#;
 
 #[test]
@@ -357,6 +372,13 @@ fn typed_clients_decode_masked_columns_and_the_record_counts_without_values() {
         rows[0][1].is_null(),
         "binary integer under a rule withheld: {raw:#}"
     );
+    // Both fetches read as the portal was bound: binary, the integer under a rule withheld.
+    let portal = raw["portal_rows"].as_array().unwrap();
+    assert_eq!(portal.len(), 2, "{raw:#}");
+    for r in portal {
+        assert_eq!(r[0], hex("****"), "{raw:#}");
+        assert!(r[1].is_null(), "{raw:#}");
+    }
     let notes = rows[0][2].as_str().unwrap();
     assert!(notes.starts_with(&hex("call **** re tok_")), "{raw:#}");
 

@@ -21,9 +21,11 @@
 //! - **Column names.** `schema.table.column` comes from the target's catalog (table OID and
 //!   attnum of the RowDescription), read at login; the column's own name, not an alias the
 //!   agent chose, is what rules and hints see. Computed columns have only their output name.
-//! - **Statements.** A Bind's rows are described by its statement's Describe, remembered per
-//!   statement name; a portal executed without any description gets detector-only text columns
-//!   (binary values withheld).
+//! - **Statements and portals.** A Bind's rows are described by its statement's Describe,
+//!   remembered per statement name, and the portal keeps that description and the Bind's formats
+//!   until the transaction ends, so an Execute after PortalSuspended or a later Sync reads its
+//!   rows right. Rows with no description at all get detector-only text columns (binary values
+//!   withheld).
 //! - **COPY.** Text and CSV rows are split into fields with the statement's own options
 //!   (delimiter, quote, escape), each field masked and re-escaped; `COPY table [(columns)]`
 //!   gives the fields their columns (catalog order), `COPY (query)` only the detectors. Binary
@@ -756,13 +758,19 @@ fn escape(f: CopyFormat, v: &[u8], out: &mut Vec<u8>) {
 enum Pending {
     /// Parse of a statement name: its old description no longer holds.
     Parse(String),
-    /// Bind of a statement, with the result formats asked for.
+    /// Bind of a statement to a portal, with the result formats asked for.
     Bind {
+        portal: String,
         statement: String,
         formats: Vec<i16>,
     },
     /// Describe of a statement: its ParameterDescription, then RowDescription or NoData.
     DescribeStatement(String),
+    /// Describe of a portal: its RowDescription or NoData.
+    DescribePortal(String),
+    /// Execute of a portal: its rows, then CommandComplete, PortalSuspended or
+    /// EmptyQueryResponse.
+    Execute(String),
     /// Sync or Query: answered by ReadyForQuery. A Query's `COPY … TO STDOUT` formats, in order.
     Sync(VecDeque<CopyOut>),
 }
@@ -785,10 +793,16 @@ impl Requests {
         let p = match tag {
             b'P' => Pending::Parse(cstr(body)),
             b'B' => match bind_formats(body) {
-                Some((statement, formats)) => Pending::Bind { statement, formats },
+                Some((portal, statement, formats)) => Pending::Bind {
+                    portal,
+                    statement,
+                    formats,
+                },
                 None => return,
             },
             b'D' if body.first() == Some(&b'S') => Pending::DescribeStatement(cstr(&body[1..])),
+            b'D' => Pending::DescribePortal(cstr(body.get(1..).unwrap_or_default())),
+            b'E' => Pending::Execute(cstr(body)),
             b'S' => Pending::Sync(VecDeque::new()),
             b'Q' => Pending::Sync(copy_outs(&String::from_utf8_lossy(
                 body.strip_suffix(&[0]).unwrap_or(body),
@@ -800,6 +814,16 @@ impl Requests {
             q.pop_front();
         }
         q.push_back(p);
+    }
+
+    /// Pop the request at the front if `want` accepts it: for answers that a simple Query's
+    /// results also give (RowDescription, rows), which must not consume its marker.
+    fn answer_front(&self, want: impl Fn(&Pending) -> bool) -> Option<Pending> {
+        let mut q = self.queue.lock().unwrap();
+        if q.front().is_some_and(want) {
+            return q.pop_front();
+        }
+        None
     }
 
     /// Pop answered requests up to the first that `want` accepts, which is returned.
@@ -828,9 +852,10 @@ fn cstr(b: &[u8]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
-/// A Bind's statement name and result format codes.
-fn bind_formats(body: &[u8]) -> Option<(String, Vec<i16>)> {
+/// A Bind's portal name, statement name and result format codes.
+fn bind_formats(body: &[u8]) -> Option<(String, String, Vec<i16>)> {
     let portal_end = memchr::memchr(0, body)?;
+    let portal = String::from_utf8_lossy(&body[..portal_end]).into_owned();
     let rest = &body[portal_end + 1..];
     let stmt_end = memchr::memchr(0, rest)?;
     let statement = String::from_utf8_lossy(&rest[..stmt_end]).into_owned();
@@ -847,12 +872,15 @@ fn bind_formats(body: &[u8]) -> Option<(String, Vec<i16>)> {
     let formats = (0..nres)
         .map(|i| be_i16(body, pos + 2 + 2 * i))
         .collect::<Option<Vec<_>>>()?;
-    Some((statement, formats))
+    Some((portal, statement, formats))
 }
 
 /// Result format codes: none (all text), one (for all), or one per column.
 #[derive(Debug, Clone, Default)]
 struct Formats(Vec<i16>);
+
+/// How many portals a session keeps described (they live until the transaction ends).
+const MAX_PORTALS: usize = 1024;
 
 impl Formats {
     fn binary(&self, col: usize) -> bool {
@@ -865,6 +893,7 @@ impl Formats {
 }
 
 /// What the rows being sent now belong to.
+#[derive(Clone)]
 enum Rows<'m> {
     /// No description: detector-only text columns.
     Unknown(Formats),
@@ -882,6 +911,11 @@ pub struct ResultMasker<'m> {
     unknown: ColPlan<'m>,
     rows: Rows<'m>,
     statements: HashMap<String, Arc<[ColPlan<'m>]>>,
+    /// Open portals' rows: an Execute without Describe (again after PortalSuspended, or a
+    /// later Sync in a transaction) reads them.
+    portals: HashMap<String, Rows<'m>>,
+    /// An Execute's rows are being sent.
+    executing: bool,
     /// A statement Describe's RowDescription is next.
     describing: Option<String>,
     copy: Option<Copying<'m>>,
@@ -916,6 +950,8 @@ impl<'m> ResultMasker<'m> {
             unknown: ColPlan::unknown(masker),
             rows: Rows::Unknown(Formats::default()),
             statements: HashMap::new(),
+            portals: HashMap::new(),
+            executing: false,
             describing: None,
             copy: None,
             counts: MaskCounts::default(),
@@ -944,7 +980,19 @@ impl<'m> ResultMasker<'m> {
 
     fn frame(&mut self, tag: u8, body: &[u8]) -> Result<Edit, MaskWireError> {
         Ok(match tag {
-            b'D' => self.data_row(body)?,
+            b'D' => {
+                if !self.executing {
+                    self.executing = true;
+                    self.start_execute();
+                }
+                self.data_row(body)?
+            }
+            b'C' | b's' | b'I' => {
+                if !std::mem::take(&mut self.executing) {
+                    self.start_execute();
+                }
+                self.command_complete(tag)
+            }
             b'T' => self.row_description(body)?,
             b'1' => {
                 if let Some(Pending::Parse(name)) =
@@ -955,15 +1003,18 @@ impl<'m> ResultMasker<'m> {
                 Edit::Keep
             }
             b'2' => {
-                self.rows = match self.requests.answer(|p| matches!(p, Pending::Bind { .. })) {
-                    Some(Pending::Bind { statement, formats }) => {
-                        match self.statements.get(&statement) {
-                            Some(plans) => Rows::Described(plans.clone(), Formats(formats)),
-                            None => Rows::Unknown(Formats(formats)),
-                        }
-                    }
-                    _ => Rows::Unknown(Formats::default()),
-                };
+                if let Some(Pending::Bind {
+                    portal,
+                    statement,
+                    formats,
+                }) = self.requests.answer(|p| matches!(p, Pending::Bind { .. }))
+                {
+                    let rows = match self.statements.get(&statement) {
+                        Some(plans) => Rows::Described(plans.clone(), Formats(formats)),
+                        None => Rows::Unknown(Formats(formats)),
+                    };
+                    self.set_portal(portal, rows);
+                }
                 Edit::Keep
             }
             b't' => {
@@ -976,7 +1027,10 @@ impl<'m> ResultMasker<'m> {
                 Edit::Keep
             }
             b'n' => {
-                self.describing = None;
+                if self.describing.take().is_none() {
+                    self.requests
+                        .answer_front(|p| matches!(p, Pending::DescribePortal(_)));
+                }
                 Edit::Keep
             }
             b'H' => {
@@ -1019,21 +1073,10 @@ impl<'m> ResultMasker<'m> {
                 }
                 _ => Edit::Keep,
             },
-            b'C' => match self.copy.take() {
-                Some(Copying::Refused) => {
-                    tracing::info!("binary COPY output withheld: it cannot be masked");
-                    let mut b = BytesMut::new();
-                    super::error::PgError::unmaskable(
-                        "binary COPY output cannot be masked; use text or CSV format",
-                    )
-                    .encode(&mut b);
-                    Edit::Replace(b)
-                }
-                _ => Edit::Keep,
-            },
             b'E' => {
                 self.copy = None;
                 self.describing = None;
+                self.executing = false;
                 self.error_fields(tag, body)
             }
             b'N' => self.error_fields(tag, body),
@@ -1043,10 +1086,58 @@ impl<'m> ResultMasker<'m> {
                 self.rows = Rows::Unknown(Formats::default());
                 self.describing = None;
                 self.copy = None;
+                self.executing = false;
+                // Idle: the transaction is over, and its portals with it.
+                if body.first() == Some(&b'I') {
+                    self.portals.clear();
+                }
                 Edit::Keep
             }
             _ => Edit::Keep,
         })
+    }
+
+    /// The first answer to an Execute (a row or its end): its portal's rows are the ones sent.
+    fn start_execute(&mut self) {
+        if let Some(Pending::Execute(portal)) = self
+            .requests
+            .answer_front(|p| matches!(p, Pending::Execute(_)))
+        {
+            self.rows = self
+                .portals
+                .get(&portal)
+                .cloned()
+                .unwrap_or(Rows::Unknown(Formats::default()));
+        }
+    }
+
+    /// Rows `rows` for `portal`, and for what comes next.
+    fn set_portal(&mut self, portal: String, rows: Rows<'m>) {
+        if self.portals.len() >= MAX_PORTALS {
+            self.portals.clear();
+        }
+        self.portals.insert(portal, rows.clone());
+        self.rows = rows;
+    }
+
+    /// CommandComplete (the end of a binary COPY refused becomes the refusal), PortalSuspended,
+    /// EmptyQueryResponse.
+    fn command_complete(&mut self, tag: u8) -> Edit {
+        if tag != b'C' {
+            return Edit::Keep;
+        }
+        match self.copy.take() {
+            Some(Copying::Refused) => {
+                tracing::info!("binary COPY output withheld: it cannot be masked");
+                let mut b = BytesMut::new();
+                super::error::PgError::unmaskable(
+                    "binary COPY output cannot be masked; use text or CSV format",
+                )
+                .encode(&mut b);
+                Edit::Replace(b)
+            }
+            _ => Edit::Keep,
+        }
     }
 
     fn row_description(&mut self, body: &[u8]) -> Result<Edit, MaskWireError> {
@@ -1074,7 +1165,14 @@ impl<'m> ResultMasker<'m> {
             }
             None => {
                 let formats = Formats(fields.iter().map(|f| f.format).collect());
-                self.rows = Rows::Described(plans, formats);
+                let rows = Rows::Described(plans, formats);
+                match self
+                    .requests
+                    .answer_front(|p| matches!(p, Pending::DescribePortal(_)))
+                {
+                    Some(Pending::DescribePortal(portal)) => self.set_portal(portal, rows),
+                    _ => self.rows = rows,
+                }
             }
         }
         Ok(edited.map_or(Edit::Keep, |b| Edit::Replace(frame(b'T', &b))))
@@ -1400,7 +1498,7 @@ mod tests {
         req.note(b'S', b"");
         let mut bind = b"\0s1\0".to_vec();
         bind.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
-        assert_eq!(bind_formats(&bind), Some(("s1".into(), vec![1])));
+        assert_eq!(bind_formats(&bind), Some(("".into(), "s1".into(), vec![1])));
         req.note(b'B', &bind);
         req.note(b'S', b"");
         let described = cat(&[
@@ -1435,6 +1533,30 @@ mod tests {
             .rewrite(cat(&[frame(b'2', b""), data_row(&[Some(b"x")])]))
             .unwrap();
         assert_eq!(rows(&out), [vec![None]]);
+        rm.rewrite(frame(b'Z', b"I")).unwrap();
+
+        // A named portal in a transaction, executed again after a Sync, without Describe.
+        let mut bind_p1 = b"p1\0s1\0".to_vec();
+        bind_p1.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
+        req.note(b'B', &bind_p1);
+        req.note(b'E', b"p1\0\0\0\0\x01");
+        req.note(b'S', b"");
+        req.note(b'E', b"p1\0\0\0\0\x01");
+        req.note(b'S', b"");
+        let row = || data_row(&[Some(b"ada@example.com"), Some(&1i32.to_be_bytes())]);
+        let first = cat(&[frame(b'2', b""), row(), frame(b's', b""), frame(b'Z', b"T")]);
+        let again = cat(&[row(), frame(b's', b""), frame(b'Z', b"T")]);
+        for chunk in [first, again] {
+            let out = rm.rewrite(chunk).unwrap();
+            assert_eq!(
+                rows(&out),
+                [vec![
+                    Some(b"****".to_vec()),
+                    Some(1i32.to_be_bytes().to_vec())
+                ]]
+            );
+        }
+        assert!(req.queue.lock().unwrap().is_empty());
     }
 
     #[test]
