@@ -43,6 +43,11 @@ pub enum AppError {
     Control(#[from] crate::control::ControlError),
     #[error(transparent)]
     Oidc(#[from] crate::identity::oidc::OidcError),
+    #[error("{config}: masking: {error}")]
+    Mask {
+        config: String,
+        error: crate::mask::MaskError,
+    },
     #[error("binding the proxy listener on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -75,6 +80,9 @@ pub struct Inputs {
     pub oidc: Option<Arc<crate::identity::oidc::Verifier>>,
     pub sink: Arc<dyn RecordSink>,
     pub ids: SessionIds,
+    /// Masks every PostgreSQL session's results with `config.masking` (per-grant rules would
+    /// pick another `Masker` per session).
+    pub masker: Option<Arc<crate::mask::Masker>>,
 }
 
 /// What the daemon bound, as written to the status file.
@@ -120,6 +128,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         Some(path) => crate::secrets::Secrets::load(path)?,
         None => Default::default(),
     };
+    let masker = crate::mask::Masker::new(
+        &config.masking,
+        crate::secrets::mask_key(&config.masking_key_file())?,
+    )
+    .map_err(|error| AppError::Mask {
+        config: config.source.clone(),
+        error,
+    })?;
     let tls_acceptor = crate::tls::acceptor(
         config
             .client_tls
@@ -161,6 +177,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         oidc,
         sink,
         ids: SessionIds::default(),
+        masker: Some(Arc::new(masker)),
         config,
     });
 
@@ -404,6 +421,7 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
             pg: &inputs.pg,
             refusal: refusal.as_ref(),
             current_agent: &current_agent,
+            masker: inputs.masker.as_deref(),
         };
         if let Err(e) = protocols::serve(&session, client, &mut rec).await {
             warn!(error = %e, "session ended with an error");

@@ -212,6 +212,10 @@ pub struct Config {
     /// Masking of result values (see `mask`). Absent: the built-in detectors, redacting.
     #[serde(default)]
     pub masking: crate::mask::MaskRules,
+    /// The 32-byte key of the `token` masking method (default `<state_dir>/mask.key`, made on
+    /// first start): keep it to keep tokens stable across restarts.
+    #[serde(default)]
+    pub masking_key_file: Option<PathBuf>,
     /// Where this configuration came from, for messages.
     #[serde(skip)]
     pub source: String,
@@ -495,6 +499,12 @@ impl Config {
 
     pub fn status_file(&self) -> PathBuf {
         self.state_dir.join("daemon.json")
+    }
+
+    pub fn masking_key_file(&self) -> PathBuf {
+        self.masking_key_file
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("mask.key"))
     }
 }
 

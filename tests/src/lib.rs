@@ -253,6 +253,13 @@ impl TestDaemon {
         }
     }
 
+    /// [`TestDaemon::run_agent`] under a time limit of 60 s: a hang fails the test, not the run.
+    pub fn run_agent_timed(&self, name: &str, args: &[&str]) -> Output {
+        let mut full = vec!["timeout", "-k", "5", "60"];
+        full.extend_from_slice(args);
+        self.run_agent(name, &full)
+    }
+
     /// `chaperone run --as NAME --user nobody -- ARGS…`, capturing output: agents run
     /// unprivileged, as they should in production.
     pub fn run_agent(&self, name: &str, args: &[&str]) -> Output {
@@ -657,6 +664,34 @@ impl Postgres {
             "GRANT SELECT ON ALL TABLES IN SCHEMA public TO agent_ro",
         );
         pg
+    }
+
+    /// A libpq connection string to database `app`, as an agent knows it: no password, any
+    /// user. In the clear unless `extra` names an sslmode: with libpq's default `prefer`, a
+    /// refused startup over TLS is retried in the clear, which would double the sessions tests
+    /// count.
+    pub fn agent_conninfo(&self, extra: &str) -> String {
+        let ssl = if extra.contains("sslmode") {
+            ""
+        } else {
+            "sslmode=disable"
+        };
+        format!(
+            "host=127.0.0.1 port={} dbname=app user=whoever connect_timeout=10 {ssl} {extra}",
+            self.port
+        )
+    }
+
+    /// `pgbench ARGS… -h 127.0.0.1 -p <port> -U x app`: pgbench as an agent runs it (any user,
+    /// no password).
+    pub fn agent_pgbench(&self, args: &[&str]) -> Vec<String> {
+        let port = self.port.to_string();
+        ["pgbench"]
+            .iter()
+            .chain(args)
+            .chain(&["-h", "127.0.0.1", "-p", &port, "-U", "x", "app"])
+            .map(|a| a.to_string())
+            .collect()
     }
 
     /// Run SQL as the superuser, directly (this process is outside any agent tree), and return

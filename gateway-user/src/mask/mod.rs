@@ -38,16 +38,18 @@ mod method;
 mod rules;
 mod structured;
 
-pub use kind::Kind;
-pub use method::{REDACTED, TokenKey};
-pub use rules::{MaskRule, MaskRules, Method};
+/// Copy-on-first-change rewriting of ranges in a byte string (for callers that splice masked
+/// values into their own framing).
+pub use structured::Splicer;
 
 use detect::Detectors;
+pub use kind::Kind;
 use kind::{KindSet, hints_of};
+pub use method::{REDACTED, TokenKey};
 use rules::Rule;
+pub use rules::{MaskRule, MaskRules, Method};
 use serde::Serialize;
 use std::{borrow::Cow, collections::BTreeMap, sync::Arc};
-use structured::Splicer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MaskError {
@@ -252,6 +254,37 @@ pub struct ColumnMasker<'m> {
 }
 
 impl ColumnMasker<'_> {
+    /// Whether a rule names this column, so that its values may be rewritten whatever their
+    /// type (a masked number becomes `****`): a caller that cannot carry text in the column's
+    /// type must describe it as text or withhold its values.
+    pub fn rewrites_typed(&self) -> bool {
+        self.named || self.whole.is_some_and(|r| r.method != Method::Keep)
+    }
+
+    /// Whether a `keep` column rule exempts this column.
+    pub fn kept(&self) -> bool {
+        self.whole.is_some_and(|r| r.method == Method::Keep)
+    }
+
+    /// The finding for a value the caller withheld whole (sent as NULL) because it could not
+    /// mask it in place, such as a binary value it cannot read: counted under the column's rule,
+    /// else `builtin:column`.
+    pub fn withheld(&self, len: usize) -> Masked<'static> {
+        let rule = match self.whole {
+            Some(r) => r.label.clone(),
+            None => self.m.builtin_label(Kind::Column),
+        };
+        Masked {
+            bytes: Cow::Borrowed(&[]),
+            findings: vec![Finding {
+                kind: Kind::Column,
+                start: 0,
+                end: len,
+                rule,
+            }],
+        }
+    }
+
     pub fn mask<'v>(&self, value: &'v [u8]) -> Masked<'v> {
         let mut findings = Vec::new();
         let bytes = match self.typed(value, &self.ty, self.hints, 0, &mut findings) {

@@ -6,7 +6,7 @@
 use super::{ColumnMasker, Finding, ValueType, kind::KindSet, kind::hints_of, rules::Rule};
 
 /// Builds an output from the input and replacements, allocating only on the first one.
-pub(super) struct Splicer<'v> {
+pub struct Splicer<'v> {
     src: &'v [u8],
     out: Vec<u8>,
     at: usize,
@@ -14,7 +14,7 @@ pub(super) struct Splicer<'v> {
 }
 
 impl<'v> Splicer<'v> {
-    pub(super) fn new(src: &'v [u8]) -> Splicer<'v> {
+    pub fn new(src: &'v [u8]) -> Splicer<'v> {
         Splicer {
             src,
             out: Vec::new(),
@@ -24,7 +24,7 @@ impl<'v> Splicer<'v> {
     }
 
     /// Replace `src[s..e]`; calls come in increasing, non-overlapping order.
-    pub(super) fn replace(&mut self, s: usize, e: usize, with: &[u8]) {
+    pub fn replace(&mut self, s: usize, e: usize, with: &[u8]) {
         if !self.changed {
             self.out.reserve(self.src.len() + 16);
             self.changed = true;
@@ -35,7 +35,7 @@ impl<'v> Splicer<'v> {
     }
 
     /// The output, or `None` if nothing was replaced.
-    pub(super) fn finish(mut self) -> Option<Vec<u8>> {
+    pub fn finish(mut self) -> Option<Vec<u8>> {
         if !self.changed {
             return None;
         }

@@ -40,6 +40,9 @@ pub struct Session<'a> {
     pub refusal: Option<&'a Refusal>,
     /// The agent as it is now (its binding may be refreshed while the session runs).
     pub current_agent: &'a (dyn Fn() -> Option<AgentId> + Sync),
+    /// Masks PostgreSQL results (`None`: they pass unmasked). Chosen per session, so rules can
+    /// differ per grant.
+    pub masker: Option<&'a crate::mask::Masker>,
 }
 
 /// Carry an allowed session until it ends, counting into the recorder.
@@ -58,6 +61,7 @@ pub async fn serve(
                 shared: s.pg,
                 refusal: s.refusal,
                 current_agent: s.current_agent,
+                masker: s.masker,
             };
             Ok(postgres::serve(&pg, client, rec).await?)
         }

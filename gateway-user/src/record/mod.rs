@@ -5,11 +5,13 @@
 //! task cancelled at shutdown) are recorded too. The JSON-lines file sink is the machine-readable
 //! form `chaperone sessions` and later tooling read; every event also goes to the daemon's log.
 //!
-//! Records carry metadata only: never a credential, never payload bytes.
+//! Records carry metadata only: never a credential, never payload bytes. Masking is counted
+//! (which rule, how many values, which kinds), never the value.
 
-use crate::{identity::AgentId, redirect::OriginalDst};
+use crate::{identity::AgentId, mask::MaskCounts, redirect::OriginalDst};
 use serde::{Deserialize, Serialize};
 use std::{
+    collections::BTreeMap,
     fs::{File, OpenOptions},
     io::Write,
     net::SocketAddr,
@@ -109,6 +111,9 @@ pub enum SessionEvent {
         statements_allowed: u64,
         #[serde(default)]
         statements_denied: u64,
+        /// Values masked on their way to the agent: per rule, per kind (absent: none).
+        #[serde(default, skip_serializing_if = "Masked::is_empty")]
+        masked: Masked,
         error: Option<String>,
     },
     /// Something the daemon did or refused outside a session: agents bound, binds refused,
@@ -189,7 +194,36 @@ pub struct SessionRecorder {
     pub bytes_down: u64,
     pub statements_allowed: u64,
     pub statements_denied: u64,
+    pub masked: MaskCounts,
     pub error: Option<String>,
+}
+
+/// What masking did in a session, as recorded: how many values, per rule and per kind. Counts
+/// only, never a value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Masked {
+    /// Values with at least one finding (or withheld whole).
+    pub values: u64,
+    /// Values per rule: a rule's name, `masking.rules[i]`, or `builtin:<kind>`.
+    pub by_rule: BTreeMap<String, u64>,
+    /// Findings per kind (`column`: a whole value under a column rule, or withheld).
+    pub by_kind: BTreeMap<String, u64>,
+}
+
+impl Masked {
+    fn is_empty(&self) -> bool {
+        self.values == 0
+    }
+}
+
+impl From<&MaskCounts> for Masked {
+    fn from(c: &MaskCounts) -> Self {
+        Self {
+            values: c.values,
+            by_rule: c.by_rule.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
+            by_kind: c.by_kind.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
+        }
+    }
 }
 
 impl SessionRecorder {
@@ -213,6 +247,7 @@ impl SessionRecorder {
             bytes_down: 0,
             statements_allowed: 0,
             statements_denied: 0,
+            masked: MaskCounts::default(),
             error: None,
         }
     }
@@ -225,6 +260,7 @@ impl Drop for SessionRecorder {
             bytes_down = self.bytes_down,
             statements_allowed = self.statements_allowed,
             statements_denied = self.statements_denied,
+            values_masked = self.masked.values,
             error = self.error.as_deref().unwrap_or(""),
             "session end"
         );
@@ -235,6 +271,7 @@ impl Drop for SessionRecorder {
             bytes_down: self.bytes_down,
             statements_allowed: self.statements_allowed,
             statements_denied: self.statements_denied,
+            masked: Masked::from(&self.masked),
             error: self.error.take(),
         });
     }
@@ -291,6 +328,14 @@ mod tests {
             let mut r = SessionRecorder::start(sink, info());
             r.bytes_up = 3;
             r.error = Some("boom".into());
+            let m = crate::mask::Masker::new(
+                &Default::default(),
+                crate::mask::TokenKey::from_bytes([1; 32]),
+            )
+            .unwrap();
+            let col = m.column(&crate::mask::Column::default());
+            r.masked.add(&col.mask(b"a@b.io"));
+            r.masked.add(&col.withheld(4));
         }
         std::fs::write(dir.join("junk"), "").unwrap();
         let mut text = std::fs::read_to_string(&path).unwrap();
@@ -306,10 +351,14 @@ mod tests {
                 bytes_up,
                 error,
                 session,
+                masked,
                 ..
             } => {
                 assert_eq!(*bytes_up, 3);
                 assert_eq!(error.as_deref(), Some("boom"));
+                assert_eq!(masked.values, 2);
+                assert_eq!(masked.by_rule["builtin:email"], 1);
+                assert_eq!(masked.by_kind["column"], 1);
                 assert_eq!(session.original_dst.comm, "curl");
             }
             e => panic!("expected end, got {e:?}"),

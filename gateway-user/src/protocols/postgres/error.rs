@@ -54,6 +54,17 @@ impl PgError {
         }
     }
 
+    /// A result the proxy cannot mask, withheld: 0A000 feature_not_supported; the session goes on.
+    pub fn unmaskable(what: &str) -> Self {
+        Self {
+            fatal: false,
+            code: "0A000",
+            message: format!("chaperone: {what}"),
+            detail: None,
+            hint: None,
+        }
+    }
+
     pub fn encode(&self, buf: &mut BytesMut) {
         let severity = if self.fatal { "FATAL" } else { "ERROR" };
         let mut fields: Vec<(u8, &str)> = vec![

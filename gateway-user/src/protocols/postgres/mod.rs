@@ -5,7 +5,8 @@
 //! log in upstream with the target's credential (the agent's user and password are ignored),
 //! then relay frames. Client to server: each Query and Parse is classified ([`classify`], cached)
 //! and judged by `policy`; FunctionCall is always refused. Server to client: whole runs of frames
-//! are forwarded in one write.
+//! are forwarded in one write, after [`mask`] has masked the values in them (rows, COPY data,
+//! error and notice fields) when the session has a `Masker`.
 //!
 //! A refused statement is not answered locally: it is replaced by a statement the server rejects
 //! with a syntax error naming a per-session nonce, and that error is rewritten into our 42501 on
@@ -17,6 +18,7 @@ pub mod cache;
 pub mod classify;
 pub mod codec;
 pub mod error;
+pub mod mask;
 pub mod upstream;
 
 use crate::{
@@ -35,7 +37,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -92,18 +94,32 @@ pub struct Shared {
     pub tls_connectors: HashMap<String, TlsConnector>,
     /// Proxy-issued cancel key → the upstream backend that key stands for.
     cancels: Mutex<HashMap<CancelKeyPair, UpstreamBackend>>,
-    /// Per target: names of its functions outside pg_catalog and information_schema, read at
-    /// login and kept for [`CATALOG_TTL`].
-    user_functions: Mutex<HashMap<String, (std::time::Instant, FunctionNames)>>,
+    /// Per target and database (OIDs are per database, and a target without `database` serves
+    /// any): what its catalog says about user objects, read at login and kept for
+    /// [`CATALOG_TTL`].
+    catalogs: Mutex<HashMap<CatalogKey, (std::time::Instant, Arc<Catalog>)>>,
+}
+
+/// What a session needs from the target's catalog, outside pg_catalog and information_schema.
+#[derive(Debug, Default)]
+struct Catalog {
+    /// Function names: an agent could call them by attribute notation, which the built-in list
+    /// cannot know.
+    functions: FunctionNames,
+    /// Columns of user relations, to name the columns of results for masking rules; user types
+    /// that travel as text.
+    relations: Arc<mask::Relations>,
 }
 
 /// A BackendKeyData (process id, secret key).
 type CancelKeyPair = (i32, i32);
 /// Where a cancel must go: the upstream address and the backend's own key pair.
 type UpstreamBackend = (SocketAddr, i32, i32);
-type FunctionNames = std::sync::Arc<std::collections::HashSet<String>>;
+type FunctionNames = Arc<std::collections::HashSet<String>>;
+/// (target name, database).
+type CatalogKey = (String, String);
 
-/// How long a target's function names are trusted before a login reads them again.
+/// How long a target's catalog is trusted before a login reads it again.
 const CATALOG_TTL: Duration = Duration::from_secs(30);
 
 /// Functions an agent could call by attribute notation that the built-in list cannot know.
@@ -112,29 +128,32 @@ const USER_FUNCTIONS_SQL: &str = "SELECT DISTINCT p.proname FROM pg_catalog.pg_p
      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')";
 
 impl Shared {
-    /// The target's function names outside pg_catalog/information_schema, read over this
-    /// freshly logged-in upstream session when the cached copy is older than [`CATALOG_TTL`].
-    async fn user_functions(
+    /// The catalog of the target's `database`, read over this freshly logged-in upstream
+    /// session when the cached copy is older than [`CATALOG_TTL`].
+    async fn catalog(
         &self,
         target: &str,
+        database: &str,
         up: &mut upstream::Upstream,
-    ) -> Result<std::sync::Arc<std::collections::HashSet<String>>, upstream::UpstreamError> {
-        if let Some((at, names)) = self.user_functions.lock().unwrap().get(target)
+    ) -> Result<Arc<Catalog>, upstream::UpstreamError> {
+        let key = (target.to_owned(), database.to_owned());
+        if let Some((at, c)) = self.catalogs.lock().unwrap().get(&key)
             && at.elapsed() < CATALOG_TTL
         {
-            return Ok(names.clone());
+            return Ok(c.clone());
         }
-        let names: std::sync::Arc<std::collections::HashSet<String>> = std::sync::Arc::new(
-            upstream::query_column(up, USER_FUNCTIONS_SQL)
-                .await?
-                .into_iter()
-                .collect(),
-        );
-        self.user_functions.lock().unwrap().insert(
-            target.to_owned(),
-            (std::time::Instant::now(), names.clone()),
-        );
-        Ok(names)
+        let functions = upstream::query_column(up, USER_FUNCTIONS_SQL).await?;
+        let relations = upstream::query_rows(up, mask::RELATIONS_SQL).await?;
+        let text_types = upstream::query_rows(up, mask::TEXT_TYPES_SQL).await?;
+        let c = Arc::new(Catalog {
+            functions: Arc::new(functions.into_iter().collect()),
+            relations: Arc::new(mask::Relations::from_rows(relations, text_types)),
+        });
+        self.catalogs
+            .lock()
+            .unwrap()
+            .insert(key, (std::time::Instant::now(), c.clone()));
+        Ok(c)
     }
 
     pub fn new(
@@ -174,6 +193,8 @@ pub struct Session<'a> {
     pub refusal: Option<&'a Refusal>,
     /// The agent as it is now (a refreshed token, an expiry): asked for every statement.
     pub current_agent: &'a (dyn Fn() -> Option<AgentId> + Sync),
+    /// Masks result values on their way to the agent (`None`: results pass as they are).
+    pub masker: Option<&'a crate::mask::Masker>,
 }
 
 /// What a session's record counts, filled in as the session runs (so it is right after an
@@ -248,10 +269,13 @@ pub async fn serve(
     };
     let login = async {
         let mut up = upstream::login(s.upstream, tls, cred, &checked.database, &extra).await?;
-        let functions = s.shared.user_functions(&s.target.name, &mut up).await?;
-        Ok::<_, upstream::UpstreamError>((up, functions))
+        let catalog = s
+            .shared
+            .catalog(&s.target.name, &checked.database, &mut up)
+            .await?;
+        Ok::<_, upstream::UpstreamError>((up, catalog))
     };
-    let (up, user_functions) = match login.await {
+    let (up, catalog) = match login.await {
         Ok(u) => u,
         Err(source) => {
             send_error(&mut cw, &PgError::upstream_unavailable(&s.target.name)).await?;
@@ -306,14 +330,33 @@ pub async fn serve(
     };
     let judge = Judge {
         s,
-        user_functions,
+        user_functions: catalog.functions.clone(),
         nonce: format!("chaperone_denied_{:08x}{:08x}", random_i32(), random_i32()),
         seq: AtomicU64::new(0),
     };
+    let requests = mask::Requests::default();
+    let mut masking = s
+        .masker
+        .map(|m| mask::ResultMasker::new(m, catalog.relations.clone(), &requests));
+    let down = Down {
+        denials: &denials,
+        masking: masking.as_mut(),
+        bytes: &mut rec.bytes_down,
+    };
     let result = tokio::try_join!(
-        client_to_server(&mut frames, &mut uw, &judge, &denials, counters),
-        server_to_client(&mut ur, &mut cw, up.leftover, &denials, &mut rec.bytes_down),
+        client_to_server(
+            &mut frames,
+            &mut uw,
+            &judge,
+            &denials,
+            s.masker.is_some().then_some(&requests),
+            counters
+        ),
+        server_to_client(&mut ur, &mut cw, up.leftover, down),
     );
+    if let Some(m) = masking {
+        rec.masked = m.counts;
+    }
     match &result {
         // The agent broke the protocol: tell it why, then close in order (as PostgreSQL does).
         Err(PgSessionError::Protocol(e)) => {
@@ -529,8 +572,8 @@ impl Denials {
 /// Classifies and judges statements for one session.
 struct Judge<'a> {
     s: &'a Session<'a>,
-    /// The target's own function names (see [`Shared::user_functions`]).
-    user_functions: std::sync::Arc<std::collections::HashSet<String>>,
+    /// The target's own function names (see [`Shared::catalog`]).
+    user_functions: FunctionNames,
     nonce: String,
     seq: AtomicU64,
 }
@@ -656,6 +699,7 @@ async fn client_to_server(
     uw: &mut (impl AsyncWrite + Unpin),
     judge: &Judge<'_>,
     denials: &Denials,
+    requests: Option<&mask::Requests>,
     counters: Counters<'_>,
 ) -> Result<(), PgSessionError> {
     let mut out = BytesMut::with_capacity(8192);
@@ -729,6 +773,9 @@ async fn client_to_server(
                 .into());
             }
         };
+        if let (Some(r), None | Some(Judgement::Allow)) = (requests, &verdict) {
+            r.note(frame.tag, frame.body());
+        }
         match verdict {
             None => out.extend_from_slice(&frame.raw),
             Some(Judgement::Allow) => {
@@ -739,9 +786,13 @@ async fn client_to_server(
                 *counters.denied += 1;
                 let marker = judge.marker();
                 // A stand-in the server rejects with a syntax error that names the marker.
+                let from = out.len();
                 match frame.tag {
                     b'P' => codec::parse(&mut out, "", &marker),
                     _ => codec::query(&mut out, &marker),
+                }
+                if let Some(r) = requests {
+                    r.note(out[from], &out[from + 5..]);
                 }
                 denials.push(marker, e);
             }
@@ -759,24 +810,34 @@ async fn client_to_server(
     Ok(())
 }
 
+/// The server-to-client half's state: refusals to put in place, the masking, the count.
+struct Down<'a, 'm> {
+    denials: &'a Denials,
+    masking: Option<&'a mut mask::ResultMasker<'m>>,
+    bytes: &'a mut u64,
+}
+
 async fn server_to_client(
     ur: &mut (impl AsyncRead + Unpin),
     cw: &mut (impl AsyncWrite + Unpin),
     mut buf: BytesMut,
-    denials: &Denials,
-    bytes_down: &mut u64,
+    mut down: Down<'_, '_>,
 ) -> Result<(), PgSessionError> {
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
     loop {
-        let end = codec::complete_frames(&buf, codec::MAX_FRAME_LEN).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("server sent {e}"))
-        })?;
+        let end = codec::complete_frames(&buf, codec::MAX_FRAME_LEN)
+            .map_err(|e| invalid(format!("server sent {e}")))?;
         if end > 0 {
             let mut chunk = buf.split_to(end);
-            if denials.any.load(Ordering::Acquire) {
-                chunk = rewrite_denials(chunk, denials);
+            // Refusals first: they are ours, then everything is masked alike.
+            if down.denials.any.load(Ordering::Acquire) {
+                chunk = rewrite_denials(chunk, down.denials);
+            }
+            if let Some(m) = down.masking.as_deref_mut() {
+                chunk = m.rewrite(chunk).map_err(|e| invalid(e.to_string()))?;
             }
             cw.write_all(&chunk).await?;
-            *bytes_down += chunk.len() as u64;
+            *down.bytes += chunk.len() as u64;
         }
         buf.reserve(64 * 1024);
         if ur.read_buf(&mut buf).await? == 0 {
@@ -845,6 +906,7 @@ mod tests {
             shared: &shared,
             refusal: None,
             current_agent: &|| None,
+            masker: None,
         };
         let params: Vec<(String, String)> = params
             .iter()

@@ -202,10 +202,23 @@ pub async fn login(
 /// Run one query on a logged-in upstream before the agent's traffic starts, and return the
 /// first column of every row as text.
 pub async fn query_column(up: &mut Upstream, sql: &str) -> Result<Vec<String>, UpstreamError> {
+    Ok(query_rows(up, sql)
+        .await?
+        .into_iter()
+        .filter_map(|r| r.into_iter().next().flatten())
+        .collect())
+}
+
+/// Run one query on a logged-in upstream before the agent's traffic starts, and return every
+/// row as text (`None`: NULL).
+pub async fn query_rows(
+    up: &mut Upstream,
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, UpstreamError> {
     let mut out = BytesMut::new();
     frontend::query(sql, &mut out)?;
     up.stream.write_all(&out).await?;
-    let mut names = Vec::new();
+    let mut rows = Vec::new();
     let mut failed = None;
     loop {
         let msg = loop {
@@ -219,9 +232,11 @@ pub async fn query_column(up: &mut Upstream, sql: &str) -> Result<Vec<String>, U
         match msg {
             Message::DataRow(row) => {
                 let mut ranges = row.ranges();
-                if let Some(Some(r)) = fallible_iterator::FallibleIterator::next(&mut ranges)? {
-                    names.push(String::from_utf8_lossy(&row.buffer()[r]).into_owned());
+                let mut values = Vec::new();
+                while let Some(r) = fallible_iterator::FallibleIterator::next(&mut ranges)? {
+                    values.push(r.map(|r| String::from_utf8_lossy(&row.buffer()[r]).into_owned()));
                 }
+                rows.push(values);
             }
             Message::ErrorResponse(_) => {
                 failed = Some(UpstreamError::Refused {
@@ -229,7 +244,7 @@ pub async fn query_column(up: &mut Upstream, sql: &str) -> Result<Vec<String>, U
                     message: format!("catalog query failed: {sql}"),
                 })
             }
-            Message::ReadyForQuery(_) => return failed.map_or(Ok(names), Err),
+            Message::ReadyForQuery(_) => return failed.map_or(Ok(rows), Err),
             _ => {}
         }
     }
