@@ -82,7 +82,8 @@ pub struct Inputs {
     pub ids: SessionIds,
     /// Masks every PostgreSQL session's results with `config.masking` (per-grant rules would
     /// pick another `Masker` per session).
-    pub masker: Option<Arc<crate::mask::Masker>>,
+    /// Maskers for sessions, by the rules that apply to each (see [`Maskers`]).
+    pub maskers: Maskers,
 }
 
 /// What the daemon bound, as written to the status file.
@@ -128,13 +129,13 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         Some(path) => crate::secrets::Secrets::load(path)?,
         None => Default::default(),
     };
-    let masker = crate::mask::Masker::new(
-        &config.masking,
-        crate::secrets::mask_key(&config.masking_key_file())?,
-    )
-    .map_err(|error| AppError::Mask {
-        config: config.source.clone(),
-        error,
+    let maskers = Maskers::new(crate::secrets::mask_key(&config.masking_key_file())?);
+    // Built once now, so rules the engine refuses stop the daemon here, not its first session.
+    crate::mask::Masker::new(&config.masking, maskers.key.clone()).map_err(|error| {
+        AppError::Mask {
+            config: config.source.clone(),
+            error,
+        }
     })?;
     let tls_acceptor = crate::tls::acceptor(
         config
@@ -177,7 +178,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         oidc,
         sink,
         ids: SessionIds::default(),
-        masker: Some(Arc::new(masker)),
+        maskers,
         config,
     });
 
@@ -410,6 +411,25 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
         started_at_ms: now_ms(),
     };
     let current_agent = move || inputs.agents.resolve(cgroup_id);
+    // Results are masked by the rules of the grants that apply to this agent on this target,
+    // then the configuration's, as they stand when the session starts.
+    let masker = match target.as_deref() {
+        Some(t) if t.protocol == ProtocolKind::Postgres => {
+            match inputs.maskers.for_session(
+                &inputs.policy,
+                &Subject::now(agent_ref.as_ref()),
+                &t.name,
+            ) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    // Checked at load; a rule that fails here must not let results through.
+                    error!(error = %e, "cannot build this session's masking; refusing it");
+                    return refuse(client);
+                }
+            }
+        }
+        _ => None,
+    };
     async move {
         let mut rec = SessionRecorder::start(inputs.sink.clone(), info);
         let session = protocols::Session {
@@ -421,7 +441,7 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
             pg: &inputs.pg,
             refusal: refusal.as_ref(),
             current_agent: &current_agent,
-            masker: inputs.masker.as_deref(),
+            masker: masker.as_deref(),
         };
         if let Err(e) = protocols::serve(&session, client, &mut rec).await {
             warn!(error = %e, "session ended with an error");
@@ -442,6 +462,46 @@ async fn reap_agent_cgroups(inputs: Arc<Inputs>) {
         tokio::time::sleep(REAP_INTERVAL).await;
         let tree = inputs.agents.tree().clone();
         let _ = tokio::task::spawn_blocking(move || tree.reap()).await;
+    }
+}
+
+/// Maskers built from the rules that apply to sessions (their grants' masking, then the
+/// configuration's), shared by every session with the same rules under the same policy, and
+/// dropped when the policy changes.
+pub struct Maskers {
+    key: crate::mask::TokenKey,
+    built: std::sync::Mutex<(u64, BuiltMaskers)>,
+}
+
+/// Maskers by the grants whose rules went into them.
+type BuiltMaskers = std::collections::HashMap<Vec<usize>, Arc<crate::mask::Masker>>;
+
+impl Maskers {
+    fn new(key: crate::mask::TokenKey) -> Self {
+        Self {
+            key,
+            built: Default::default(),
+        }
+    }
+
+    fn for_session(
+        &self,
+        store: &PolicyStore,
+        subject: &Subject<'_>,
+        target: &str,
+    ) -> Result<Arc<crate::mask::Masker>, crate::mask::MaskError> {
+        let generation = store.generation();
+        let (from, rules) = store.current().masking_for(subject, target);
+        let mut built = self.built.lock().expect("maskers lock");
+        if built.0 != generation {
+            *built = (generation, Default::default());
+        }
+        if let Some(m) = built.1.get(&from) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(crate::mask::Masker::new(&rules, self.key.clone())?);
+        built.1.insert(from, m.clone());
+        Ok(m)
     }
 }
 

@@ -31,9 +31,13 @@ struct Env {
 }
 
 fn env(ttl_secs: u64) -> Env {
+    env_with(GROUP_GRANTS, ttl_secs)
+}
+
+fn env_with(grants: &str, ttl_secs: u64) -> Env {
     let pg = Postgres::start();
     let op = OidcProvider::start(ttl_secs);
-    let mut opts = pg.daemon_options_with_grants(GROUP_GRANTS);
+    let mut opts = pg.daemon_options_with_grants(grants);
     opts.extra_yaml.push_str(&op.config_yaml());
     let d = TestDaemon::start(opts);
     Env { pg, op, d }
@@ -528,6 +532,47 @@ fn a_service_bound_by_config_gets_its_groups_from_a_client_credentials_token() {
     );
     assert_eq!(etl["agent"]["oidc"]["subject"], "etl-bot");
     assert_eq!(etl["statements_allowed"], 1);
+}
+
+/// A grant's masking applies to the agents it applies to, before the configuration's: staff see
+/// emails (a `keep` rule on their grant), other readers get them masked (the built-in detectors).
+#[test]
+fn masking_follows_the_grants_that_apply() {
+    if skip_unless_root("masking_follows_the_grants_that_apply") {
+        return;
+    }
+    let grants = "  - group: readers
+    target: app
+    effect: allow
+    sql: {classes: [read, session, transaction], objects: [\"public.*\", \"pg_catalog.*\"]}
+  - name: staff-see-emails
+    group: staff
+    target: app
+    effect: allow
+    sql: {classes: [read, session, transaction], objects: [\"public.*\", \"pg_catalog.*\"]}
+    masking: {rules: [{name: staff-keep-email, kinds: [email], method: keep}]}
+";
+    let e = env_with(grants, 600);
+    let conn = e.conninfo();
+    let sql = "SELECT email FROM users ORDER BY id LIMIT 1";
+    let alice = e.run_with_token(
+        &e.op.token("alice", "chaperone"),
+        &[],
+        &e.psql_args(&conn, sql),
+    );
+    assert_eq!(assert_ok(&alice, "alice (staff)").trim(), "ada@example.com");
+    let carol = e.run_with_token(
+        &e.op.token("carol", "chaperone"),
+        &[],
+        &e.psql_args(&conn, sql),
+    );
+    assert_eq!(assert_ok(&carol, "carol (readers)").trim(), "****");
+    let sessions = e.d.wait_for_sessions(2);
+    let carol = sessions
+        .iter()
+        .find(|s| s["agent"]["name"] == "sub:carol")
+        .unwrap_or_else(|| panic!("{sessions:#?}"));
+    assert_eq!(carol["masked"]["values"], 1, "{carol}");
 }
 
 fn base64url_decode(s: &str) -> Vec<u8> {
