@@ -444,3 +444,53 @@ fn untrusted_configuration_files_and_target_changes_on_reload_are_refused() {
     assert!(err.contains("writable by group or others"), "{err}");
     std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o644)).unwrap();
 }
+
+/// `chaperone mask --as` applies the masking of the grants that apply to the identity, then the
+/// configuration's, offline.
+#[test]
+fn mask_as_an_identity_applies_its_grants_masking() {
+    let dir = std::env::temp_dir().join(format!("chaperone-mask-as-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        "targets: [{name: app, protocol: tcp, address: 127.0.0.1, port: 1}]\n\
+         masking: {rules: [{name: cards-partial, kinds: [card], method: partial}]}\n\
+         grants:\n  - {group: staff, target: app, effect: allow, masking: {rules: [{name: staff-keep, kinds: [email], method: keep}]}}\n",
+    )
+    .unwrap();
+    let mask = |args: &[&str]| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(chaperone_tests::chaperone_bin())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--json")
+            .arg("mask")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"ada@example.com paid with 5555 5555 5555 4444\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["masked"].as_str().unwrap().to_string()
+    };
+    let staff = mask(&["--as", "alice", "--group", "staff"]);
+    assert!(staff.starts_with("ada@example.com paid with "), "{staff}");
+    assert!(
+        staff.ends_with("4444") && !staff.contains("5555 5555"),
+        "{staff}"
+    );
+    let other = mask(&["--as", "bob", "--group", "readers", "--target", "app"]);
+    assert!(other.starts_with("**** paid with "), "{other}");
+    assert_eq!(mask(&[]), other, "no identity: the configuration's rules");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

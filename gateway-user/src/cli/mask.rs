@@ -23,7 +23,27 @@ struct Line<'a> {
 }
 
 pub fn mask(config: &Config, args: &MaskArgs, json: bool) -> anyhow::Result<i32> {
-    let masker = Masker::new(&config.masking, random_key()?)
+    let rules = match &args.identity {
+        None => config.masking.clone(),
+        Some(identity) => {
+            if let Some(t) = &args.target {
+                anyhow::ensure!(
+                    config.targets.iter().any(|x| &x.name == t),
+                    "{}: no target named `{t}`",
+                    config.source
+                );
+            }
+            let agent =
+                super::policy::offline_agent(identity, args.subject.as_deref(), &args.groups);
+            crate::policy::Policy::from_config(config)
+                .masking_where(
+                    &crate::policy::Subject::now(Some(&agent)),
+                    args.target.as_deref(),
+                )
+                .1
+        }
+    };
+    let masker = Masker::new(&rules, random_key()?)
         .with_context(|| format!("{}: masking", config.source))?;
     let qualified = args.column.as_deref().filter(|c| c.contains('.'));
     let col = Column {

@@ -58,10 +58,20 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct MaskArgs {
-    /// The agent identity. Accepted, but today the configuration's `masking` rules apply to every
-    /// identity (per-grant masking comes later).
+    /// Mask as the daemon would for this agent: the masking rules of the grants that apply to it
+    /// (on --target, or on any target), then the configuration's. Without it: the
+    /// configuration's rules only.
     #[arg(long = "as", value_name = "IDENTITY")]
     pub identity: Option<String>,
+    /// With --as: the token's subject, for grants by subject.
+    #[arg(long, value_name = "SUB", requires = "identity")]
+    pub subject: Option<String>,
+    /// With --as: a group from the token's groups claim (repeatable).
+    #[arg(long = "group", value_name = "GROUP", requires = "identity")]
+    pub groups: Vec<String>,
+    /// With --as: only grants on this target.
+    #[arg(long, value_name = "NAME", requires = "identity")]
+    pub target: Option<String>,
     /// The column the lines come from: a name (`email`) or `schema.table.column`. Names give the
     /// detectors context; column rules match it.
     #[arg(long, value_name = "NAME")]

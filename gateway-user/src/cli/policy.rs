@@ -94,15 +94,20 @@ pub fn check(config: &Config, args: &PolicyCheckArgs, json: bool) -> anyhow::Res
     })
 }
 
-/// The agent `who` describes; with --subject or --group, as an OIDC-proven one would be.
 fn agent_for(who: &WhoArgs) -> AgentId {
-    let mut agent = AgentId::named(&who.identity);
-    if who.subject.is_some() || !who.groups.is_empty() {
+    offline_agent(&who.identity, who.subject.as_deref(), &who.groups)
+}
+
+/// The agent an offline command describes; with a subject or groups, as an OIDC-proven one
+/// would be.
+pub(super) fn offline_agent(identity: &str, subject: Option<&str>, groups: &[String]) -> AgentId {
+    let mut agent = AgentId::named(identity);
+    if subject.is_some() || !groups.is_empty() {
         agent.oidc = Some(Vouched {
             issuer: "(offline check)".into(),
-            subject: who.subject.clone().unwrap_or_else(|| who.identity.clone()),
+            subject: subject.unwrap_or(identity).to_string(),
             email: None,
-            groups: who.groups.clone(),
+            groups: groups.to_vec(),
             expires_at_ms: u64::MAX,
         });
     }

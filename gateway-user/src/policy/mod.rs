@@ -127,10 +127,20 @@ impl Policy {
         subject: &Subject<'_>,
         target: &str,
     ) -> (Vec<usize>, crate::mask::MaskRules) {
+        self.masking_where(subject, Some(target))
+    }
+
+    /// [`Policy::masking_for`] over every target (`None`) or one.
+    pub fn masking_where(
+        &self,
+        subject: &Subject<'_>,
+        target: Option<&str>,
+    ) -> (Vec<usize>, crate::mask::MaskRules) {
         let mut from = Vec::new();
         let mut rules = crate::mask::MaskRules::default();
         for (i, g) in self.grants.iter().enumerate() {
-            if g.effect == Effect::Deny || !g.applies(subject.agent, target, subject.now) {
+            let on = target.unwrap_or(&g.target);
+            if g.effect == Effect::Deny || !g.applies(subject.agent, on, subject.now) {
                 continue;
             }
             if let Some(m) = &g.masking {
