@@ -1078,3 +1078,34 @@ impl Drop for OidcProvider {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A long-running agent that answers one JSON line per line it is sent (a probe loop, a SQL
+/// session): the same process can be watched across reloads, crashes and restarts. Killed on
+/// drop.
+pub struct LineAgent {
+    child: Child,
+    lines: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LineAgent {
+    /// Take over `child`, spawned with stdin and stdout piped.
+    pub fn new(mut child: Child) -> Self {
+        let lines = std::io::BufReader::new(child.stdout.take().expect("stdout piped"));
+        Self { child, lines }
+    }
+
+    /// Send one line, read one JSON line back.
+    pub fn ask(&mut self, line: &str) -> Value {
+        writeln!(self.child.stdin.as_mut().expect("stdin piped"), "{line}").unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut self.lines, &mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    }
+}
+
+impl Drop for LineAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -2,7 +2,8 @@
 //! clients started with `chaperone run`.
 
 use chaperone_tests::{
-    DaemonOptions, EchoServer, TestDaemon, UdpSink, assert_ok, last_json, skip_unless_root,
+    DaemonOptions, EchoServer, LineAgent, TestDaemon, UdpSink, assert_ok, last_json,
+    skip_unless_root,
 };
 use serde_json::Value;
 use std::{io::Read, net::TcpStream, time::Duration};
@@ -65,33 +66,22 @@ fn py_connect(d: &TestDaemon, agent: &str, dests: &[(&str, u16)]) -> Value {
 
 /// A python agent that stays up (placed in the tree directly, as root can): probes on request,
 /// so the same process can be watched across a daemon crash and restart.
-struct LongAgent {
-    child: std::process::Child,
-    lines: std::io::BufReader<std::process::ChildStdout>,
-}
+struct LongAgent(LineAgent);
 
 impl LongAgent {
     fn start(d: &TestDaemon) -> Self {
-        let mut child = d.spawn_in_tree(&["/usr/bin/python3", "-u", "-c", PY_CONNECT, "--loop"]);
-        let lines = std::io::BufReader::new(child.stdout.take().unwrap());
-        Self { child, lines }
+        Self(LineAgent::new(d.spawn_in_tree(&[
+            "/usr/bin/python3",
+            "-u",
+            "-c",
+            PY_CONNECT,
+            "--loop",
+        ])))
     }
 
     fn probe(&mut self, dests: &[(&str, u16)]) -> Value {
-        use std::io::{BufRead, Write};
         let line: Vec<String> = dests.iter().map(|(h, p)| format!("{h} {p}")).collect();
-        let stdin = self.child.stdin.as_mut().unwrap();
-        writeln!(stdin, "{}", line.join(" ")).unwrap();
-        let mut answer = String::new();
-        self.lines.read_line(&mut answer).unwrap();
-        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
-    }
-}
-
-impl Drop for LongAgent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.ask(&line.join(" "))
     }
 }
 

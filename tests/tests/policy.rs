@@ -2,13 +2,9 @@
 //! replacing a good one, grants expiring, all seen by one live psycopg session whose next
 //! statement follows the newest policy.
 
-use chaperone_tests::{Postgres, TestDaemon, skip_unless_root};
+use chaperone_tests::{LineAgent, Postgres, TestDaemon, skip_unless_root};
 use serde_json::Value;
-use std::{
-    io::{BufRead, BufReader, Write},
-    process::{Child, ChildStdout, Stdio},
-    time::Duration,
-};
+use std::{process::Stdio, time::Duration};
 
 /// A psycopg agent holding one connection: runs each SQL line of stdin, answers one JSON line.
 const PY_SESSION: &str = r#"
@@ -25,10 +21,7 @@ for line in sys.stdin:
         print(json.dumps({"sqlstate": e.sqlstate, "message": str(e)}), flush=True)
 "#;
 
-struct Session {
-    child: Child,
-    out: BufReader<ChildStdout>,
-}
+struct Session(LineAgent);
 
 impl Session {
     fn start(d: &TestDaemon, pg: &Postgres) -> Self {
@@ -36,7 +29,7 @@ impl Session {
             "host=127.0.0.1 port={} dbname=app user=whoever sslmode=disable",
             pg.port
         );
-        let mut child = d
+        let child = d
             .cmd()
             .args(["run", "--as", "agent", "--user", "nobody", "--"])
             .args(["python3", "-c", PY_SESSION, &conn])
@@ -44,22 +37,11 @@ impl Session {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let out = BufReader::new(child.stdout.take().unwrap());
-        Self { child, out }
+        Self(LineAgent::new(child))
     }
 
     fn sql(&mut self, sql: &str) -> Value {
-        writeln!(self.child.stdin.as_mut().unwrap(), "{sql}").unwrap();
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.ask(sql)
     }
 }
 
