@@ -382,10 +382,14 @@ async fn handle(inputs: &Inputs, client: TcpStream, peer: SocketAddr) {
     );
     let kind = target.as_ref().map_or(ProtocolKind::Tcp, |t| t.protocol);
     let id = inputs.ids.next();
+    // Every line logged for this session (each statement's verdict too) carries who vouched.
+    let vouched = agent.as_ref().and_then(|a| a.oidc.as_ref());
     let span = info_span!(
         "session",
         id = %id,
         agent = agent.as_ref().and_then(|a| a.name.as_deref()).unwrap_or("-"),
+        subject = vouched.map_or("-", |o| o.subject.as_str()),
+        groups = %vouched.map(|o| o.groups.join(",")).unwrap_or_default(),
     );
     let upstream_addr = SocketAddr::new(canonical_ip(original.addr.ip()), original.addr.port());
     let agent_ref = agent.clone();

@@ -142,6 +142,14 @@ fn agents_in_different_groups_get_different_verdicts_on_the_same_statement() {
         stderr(&bob)
     );
     assert!(stderr(&bob).contains("no grant allows"), "{}", stderr(&bob));
+    // The daemon's statement log lines carry who vouched.
+    let log = e.d.log();
+    assert!(
+        log.lines().any(|l| l.contains("statement denied")
+            && l.contains("subject=\"bob\"")
+            && l.contains("groups=writers")),
+        "{log}"
+    );
 
     // Every session record carries who vouched, the subject, email and groups.
     let sessions = e.d.wait_for_sessions(2);
