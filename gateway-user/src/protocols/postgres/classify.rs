@@ -1063,10 +1063,11 @@ fn transaction_class(obj: &Map<String, Value>) -> SqlClass {
 /// transaction_read_only, row_security; and standard_conforming_strings, backslash_quote and
 /// client_encoding, which change how the server reads the bytes of later statements (SJIS, BIG5
 /// or GBK can swallow a backslash into a multibyte character): a parser differential with the
-/// classifier, which reads UTF-8. Also anything not listed.
+/// classifier, which reads UTF-8. Nor bytea_output: `escape` shows text cast to bytea as
+/// text, past the masking detectors (hex, the default, is an encoding like any other). Also
+/// anything not listed.
 const SAFE_SETTINGS: &[&str] = &[
     "application_name",
-    "bytea_output",
     "client_min_messages",
     "datestyle",
     "extra_float_digits",

@@ -498,6 +498,48 @@ pub struct CopyOut {
     pub table: Option<(Option<String>, String)>,
     /// `COPY t (a, b)`: the columns named.
     pub columns: Vec<String>,
+    /// An `ENCODING` other than UTF-8: the bytes could not be split into fields reliably (in
+    /// SJIS a backslash can be a multibyte character's second byte), so the rows are refused
+    /// like binary COPY.
+    pub foreign_encoding: bool,
+}
+
+/// Whether `sql` may give a name a protocol client uses to another prepared statement or portal
+/// (PREPARE, DEALLOCATE, DISCARD, DECLARE, CLOSE, or code that could run them). Unparsable:
+/// yes.
+fn redefines_names(sql: &str) -> bool {
+    use pg_query::protobuf::node::Node;
+    const WORDS: [&[u8]; 6] = [
+        b"prepare",
+        b"deallocate",
+        b"discard",
+        b"declare",
+        b"close",
+        b"do",
+    ];
+    let bytes = sql.as_bytes();
+    let mentions = WORDS
+        .iter()
+        .any(|w| bytes.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)));
+    if !mentions {
+        return false;
+    }
+    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
+        return true;
+    };
+    parsed.protobuf.stmts.iter().any(|raw| {
+        matches!(
+            raw.stmt.as_ref().and_then(|s| s.node.as_ref()),
+            Some(
+                Node::PrepareStmt(_)
+                    | Node::DeallocateStmt(_)
+                    | Node::DiscardStmt(_)
+                    | Node::DeclareCursorStmt(_)
+                    | Node::ClosePortalStmt(_)
+                    | Node::DoStmt(_)
+            )
+        )
+    })
 }
 
 /// The `COPY … TO STDOUT` statements in `sql`, in order (empty when there are none or it does
@@ -532,6 +574,7 @@ pub fn copy_outs(sql: &str) -> VecDeque<CopyOut> {
         let mut f = CopyFormat::default();
         let mut header = false;
         let mut escape = None;
+        let mut foreign_encoding = false;
         for o in &c.options {
             let Some(Node::DefElem(d)) = &o.node else {
                 continue;
@@ -542,6 +585,14 @@ pub fn copy_outs(sql: &str) -> VecDeque<CopyOut> {
                 "delimiter" => f.delimiter = first().unwrap_or(f.delimiter),
                 "quote" => f.quote = first().unwrap_or(f.quote),
                 "escape" => escape = first(),
+                "encoding" => {
+                    foreign_encoding = !string(&d.arg).is_some_and(|e| {
+                        matches!(
+                            e.to_ascii_lowercase().replace(['-', '_'], "").as_str(),
+                            "utf8" | "unicode"
+                        )
+                    })
+                }
                 // `HEADER` alone, or true/on/1/match.
                 "header" => {
                     header = string(&d.arg).is_none_or(|v| {
@@ -585,6 +636,7 @@ pub fn copy_outs(sql: &str) -> VecDeque<CopyOut> {
             header,
             table,
             columns,
+            foreign_encoding,
         });
     }
     out
@@ -771,9 +823,20 @@ enum Pending {
     /// Execute of a portal: its rows, then CommandComplete, PortalSuspended or
     /// EmptyQueryResponse.
     Execute(String),
-    /// Sync or Query: answered by ReadyForQuery. A Query's `COPY … TO STDOUT` formats, in order.
-    Sync(VecDeque<CopyOut>),
+    /// Sync or Query: answered by ReadyForQuery. A Query's `COPY … TO STDOUT` formats, in order,
+    /// and whether it may redefine named statements or portals (SQL PREPARE, DEALLOCATE,
+    /// DISCARD, DECLARE, CLOSE): then no description kept from before still holds.
+    Sync {
+        copies: VecDeque<CopyOut>,
+        redefines: bool,
+    },
 }
+
+/// A client that keeps more requests unanswered than [`MAX_PENDING`]: its session ends rather
+/// than have answers paired with the wrong requests.
+#[derive(Debug, thiserror::Error)]
+#[error("more than {MAX_PENDING} requests pipelined without answers; masking cannot follow them")]
+pub struct TooManyPending;
 
 /// Client frames the server-to-client half must know about, noted by the client-to-server half
 /// as it forwards them.
@@ -782,14 +845,13 @@ pub struct Requests {
     queue: Mutex<VecDeque<Pending>>,
 }
 
-/// How many requests may wait for answers before the oldest are forgotten (a client that
-/// pipelines without end); forgotten statements' rows get detector-only columns.
+/// How many requests may wait for answers; a client that pipelines more is cut off.
 const MAX_PENDING: usize = 1 << 16;
 
 impl Requests {
     /// Note a frame the client sends on, by tag and body, as sent: a refusal's stand-in (a
     /// Parse or Query the server will reject) shapes the answers, not the frame it replaced.
-    pub fn note(&self, tag: u8, body: &[u8]) {
+    pub fn note(&self, tag: u8, body: &[u8]) -> Result<(), TooManyPending> {
         let p = match tag {
             b'P' => Pending::Parse(cstr(body)),
             b'B' => match bind_formats(body) {
@@ -798,22 +860,30 @@ impl Requests {
                     statement,
                     formats,
                 },
-                None => return,
+                None => return Ok(()),
             },
             b'D' if body.first() == Some(&b'S') => Pending::DescribeStatement(cstr(&body[1..])),
             b'D' => Pending::DescribePortal(cstr(body.get(1..).unwrap_or_default())),
             b'E' => Pending::Execute(cstr(body)),
-            b'S' => Pending::Sync(VecDeque::new()),
-            b'Q' => Pending::Sync(copy_outs(&String::from_utf8_lossy(
-                body.strip_suffix(&[0]).unwrap_or(body),
-            ))),
-            _ => return,
+            b'S' => Pending::Sync {
+                copies: VecDeque::new(),
+                redefines: false,
+            },
+            b'Q' => {
+                let sql = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body));
+                Pending::Sync {
+                    copies: copy_outs(&sql),
+                    redefines: redefines_names(&sql),
+                }
+            }
+            _ => return Ok(()),
         };
         let mut q = self.queue.lock().unwrap();
         if q.len() >= MAX_PENDING {
-            q.pop_front();
+            return Err(TooManyPending);
         }
         q.push_back(p);
+        Ok(())
     }
 
     /// Pop the request at the front if `want` accepts it: for answers that a simple Query's
@@ -841,7 +911,7 @@ impl Requests {
     fn next_copy(&self) -> CopyOut {
         let mut q = self.queue.lock().unwrap();
         match q.front_mut() {
-            Some(Pending::Sync(c)) => c.pop_front().unwrap_or_default(),
+            Some(Pending::Sync { copies, .. }) => copies.pop_front().unwrap_or_default(),
             _ => CopyOut::default(),
         }
     }
@@ -1036,7 +1106,7 @@ impl<'m> ResultMasker<'m> {
             b'H' => {
                 let binary = body.first() == Some(&1);
                 let out = self.requests.next_copy();
-                if binary {
+                if binary || out.foreign_encoding {
                     self.copy = Some(Copying::Refused);
                     return Ok(Edit::Drop);
                 }
@@ -1082,7 +1152,14 @@ impl<'m> ResultMasker<'m> {
             b'N' => self.error_fields(tag, body),
             b'A' => self.notification(body),
             b'Z' => {
-                self.requests.answer(|p| matches!(p, Pending::Sync(_)));
+                if let Some(Pending::Sync {
+                    redefines: true, ..
+                }) = self.requests.answer(|p| matches!(p, Pending::Sync { .. }))
+                {
+                    // SQL may have given a described name to another statement or portal.
+                    self.statements.clear();
+                    self.portals.clear();
+                }
                 self.rows = Rows::Unknown(Formats::default());
                 self.describing = None;
                 self.copy = None;
@@ -1216,7 +1293,8 @@ impl<'m> ResultMasker<'m> {
             .map_or(Edit::Keep, |b: Vec<u8>| Edit::Replace(frame(b'A', &b)))
     }
 
-    /// ErrorResponse / NoticeResponse: message, detail, hint and context scanned.
+    /// ErrorResponse / NoticeResponse: message, detail, hint, context and internal query
+    /// scanned (a PL/pgSQL error can echo the dynamic SQL it built from table data).
     fn error_fields(&mut self, tag: u8, body: &[u8]) -> Edit {
         let mut sp = Splicer::new(body);
         let mut pos = 0;
@@ -1225,7 +1303,7 @@ impl<'m> ResultMasker<'m> {
                 break;
             };
             let (start, end) = (pos + 1, pos + 1 + nul);
-            if matches!(code, b'M' | b'D' | b'H' | b'W')
+            if matches!(code, b'M' | b'D' | b'H' | b'W' | b'q')
                 && let Some(m) =
                     changed(self.unknown.plan.mask(&body[start..end]), &mut self.counts)
             {
@@ -1488,19 +1566,74 @@ mod tests {
     }
 
     #[test]
+    fn sql_that_redefines_names_drops_the_descriptions_kept() {
+        let m = masker("{}");
+        let req = Requests::default();
+        let mut rm = ResultMasker::new(&m, relations(), &req);
+        // s1 described as an integer...
+        req.note(b'P', b"s1\0SELECT 1::int\0\0\0").unwrap();
+        req.note(b'D', b"Ss1\0").unwrap();
+        req.note(b'S', b"").unwrap();
+        rm.rewrite(cat(&[
+            frame(b'1', b""),
+            frame(b't', &[0, 0]),
+            row_desc(&[("int4", 0, 0, 23, 0)]),
+            frame(b'Z', b"I"),
+        ]))
+        .unwrap();
+        // ...then made, by SQL, a statement that returns emails.
+        req.note(
+            b'Q',
+            b"deallocate s1; prepare s1 as select email from users\0",
+        )
+        .unwrap();
+        rm.rewrite(cat(&[
+            frame(b'C', b"DEALLOCATE\0"),
+            frame(b'C', b"PREPARE\0"),
+            frame(b'Z', b"I"),
+        ]))
+        .unwrap();
+        req.note(b'B', &[0, b's', b'1', 0, 0, 0, 0, 0, 0, 0])
+            .unwrap();
+        req.note(b'E', b"\0\0\0\0\0").unwrap();
+        req.note(b'S', b"").unwrap();
+        let out = rm
+            .rewrite(cat(&[
+                frame(b'2', b""),
+                data_row(&[Some(b"ada@example.com")]),
+                frame(b'C', b"SELECT 1\0"),
+                frame(b'Z', b"I"),
+            ]))
+            .unwrap();
+        assert_eq!(rows(&out), [vec![Some(b"****".to_vec())]]);
+        assert!(redefines_names("CLOSE p; DECLARE p CURSOR FOR SELECT 1"));
+        assert!(!redefines_names("SELECT 'declare' AS x"));
+        assert!(!redefines_names("SELECT 1"));
+    }
+
+    #[test]
+    fn a_client_that_pipelines_without_end_is_cut_off() {
+        let req = Requests::default();
+        for _ in 0..MAX_PENDING {
+            req.note(b'S', b"").unwrap();
+        }
+        assert!(req.note(b'S', b"").is_err());
+    }
+
+    #[test]
     fn binds_use_their_statements_description_and_formats() {
         let m = masker("{}");
         let req = Requests::default();
         let mut rm = ResultMasker::new(&m, relations(), &req);
         // Parse s1, Describe s1, Sync; Bind s1 (binary results), Execute, Sync.
-        req.note(b'P', b"s1\0SELECT\0\0\0");
-        req.note(b'D', b"Ss1\0");
-        req.note(b'S', b"");
+        req.note(b'P', b"s1\0SELECT\0\0\0").unwrap();
+        req.note(b'D', b"Ss1\0").unwrap();
+        req.note(b'S', b"").unwrap();
         let mut bind = b"\0s1\0".to_vec();
         bind.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
         assert_eq!(bind_formats(&bind), Some(("".into(), "s1".into(), vec![1])));
-        req.note(b'B', &bind);
-        req.note(b'S', b"");
+        req.note(b'B', &bind).unwrap();
+        req.note(b'S', b"").unwrap();
         let described = cat(&[
             frame(b'1', b""),
             frame(b't', &[0, 0]),
@@ -1528,7 +1661,8 @@ mod tests {
                 .iter()
                 .map(|&b| if b == b'1' { b'2' } else { b })
                 .collect::<Vec<_>>(),
-        );
+        )
+        .unwrap();
         let out = rm
             .rewrite(cat(&[frame(b'2', b""), data_row(&[Some(b"x")])]))
             .unwrap();
@@ -1538,11 +1672,11 @@ mod tests {
         // A named portal in a transaction, executed again after a Sync, without Describe.
         let mut bind_p1 = b"p1\0s1\0".to_vec();
         bind_p1.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
-        req.note(b'B', &bind_p1);
-        req.note(b'E', b"p1\0\0\0\0\x01");
-        req.note(b'S', b"");
-        req.note(b'E', b"p1\0\0\0\0\x01");
-        req.note(b'S', b"");
+        req.note(b'B', &bind_p1).unwrap();
+        req.note(b'E', b"p1\0\0\0\0\x01").unwrap();
+        req.note(b'S', b"").unwrap();
+        req.note(b'E', b"p1\0\0\0\0\x01").unwrap();
+        req.note(b'S', b"").unwrap();
         let row = || data_row(&[Some(b"ada@example.com"), Some(&1i32.to_be_bytes())]);
         let first = cat(&[frame(b'2', b""), row(), frame(b's', b""), frame(b'Z', b"T")]);
         let again = cat(&[row(), frame(b's', b""), frame(b'Z', b"T")]);
@@ -1604,6 +1738,8 @@ mod tests {
         assert_eq!(c[0].table, Some((Some("s".into()), "t".into())));
         assert_eq!(c[0].columns, ["b", "a"]);
         assert!(!copy_outs("COPY t TO STDOUT (HEADER false)")[0].header);
+        assert!(copy_outs("COPY t TO STDOUT (ENCODING 'SJIS')")[0].foreign_encoding);
+        assert!(!copy_outs("COPY t TO STDOUT (ENCODING 'UTF-8')")[0].foreign_encoding);
         assert!(copy_outs("SELECT 1").is_empty());
     }
 
@@ -1612,7 +1748,8 @@ mod tests {
         let m = masker("{}");
         let req = Requests::default();
         let mut rm = ResultMasker::new(&m, relations(), &req);
-        req.note(b'Q', b"COPY users TO STDOUT (FORMAT binary)\0");
+        req.note(b'Q', b"COPY users TO STDOUT (FORMAT binary)\0")
+            .unwrap();
         let chunk = cat(&[
             frame(b'H', &[1, 0, 1, 0, 1]),
             frame(b'd', b"PGCOPY\n\xff\r\n\0"),

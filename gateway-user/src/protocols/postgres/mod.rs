@@ -74,6 +74,8 @@ pub enum PgSessionError {
     StartupTimeout,
     #[error("TLS with the agent: {0}")]
     ClientTls(std::io::Error),
+    #[error(transparent)]
+    Masking(#[from] mask::TooManyPending),
     #[error("target `{0}`: bad tls_server_name: {1}")]
     TlsName(String, crate::tls::TlsError),
 }
@@ -715,7 +717,19 @@ async fn client_to_server(
             b'P' => {
                 let (name, sql) = codec::parse_sql(&frame)?;
                 let generation = judge.s.policy.generation();
-                let (judgement, facts) = judge.sql(sql, &mut prepared, true);
+                let (judgement, facts) = if requests.is_some() && !mask::copy_outs(sql).is_empty() {
+                    // The extended protocol does not say which COPY its rows belong to, so
+                    // neither format nor columns would be known: only the simple protocol.
+                    (
+                        Judgement::Deny(PgError::denied(
+                            "COPY TO STDOUT through the extended protocol cannot be masked",
+                            "send it as a simple query (psql's \\copy does)".into(),
+                        )),
+                        None,
+                    )
+                } else {
+                    judge.sql(sql, &mut prepared, true)
+                };
                 match (&judgement, facts) {
                     (Judgement::Allow, Some(f)) => {
                         statements.insert(name.to_string(), (f, generation));
@@ -727,7 +741,7 @@ async fn client_to_server(
                 Some(judgement)
             }
             b'B' => {
-                let (portal, name) = codec::bind_names(&frame)?;
+                let (_, name) = codec::bind_names(&frame)?;
                 match statements.get(name) {
                     Some((facts, generation))
                         if *generation != judge.s.policy.generation()
@@ -735,16 +749,7 @@ async fn client_to_server(
                     {
                         match judge.facts(facts) {
                             Judgement::Allow => None,
-                            Judgement::Deny(e) => {
-                                // A Bind of a statement the server does not have: its error,
-                                // naming the marker, becomes the refusal; the server skips the
-                                // rest of the batch up to Sync, as after any Bind error.
-                                *counters.denied += 1;
-                                let marker = judge.marker();
-                                codec::bind(&mut out, portal, &marker);
-                                denials.push(marker, e);
-                                continue;
-                            }
+                            deny => Some(deny),
                         }
                     }
                     _ => None,
@@ -774,7 +779,7 @@ async fn client_to_server(
             }
         };
         if let (Some(r), None | Some(Judgement::Allow)) = (requests, &verdict) {
-            r.note(frame.tag, frame.body());
+            r.note(frame.tag, frame.body())?;
         }
         match verdict {
             None => out.extend_from_slice(&frame.raw),
@@ -789,10 +794,14 @@ async fn client_to_server(
                 let from = out.len();
                 match frame.tag {
                     b'P' => codec::parse(&mut out, "", &marker),
+                    // A Bind of a statement the server does not have: its error names the
+                    // marker; the server skips the rest of the batch up to Sync, as after any
+                    // Bind error.
+                    b'B' => codec::bind(&mut out, codec::bind_names(&frame)?.0, &marker),
                     _ => codec::query(&mut out, &marker),
                 }
                 if let Some(r) = requests {
-                    r.note(out[from], &out[from + 5..]);
+                    r.note(out[from], &out[from + 5..])?;
                 }
                 denials.push(marker, e);
             }
