@@ -338,6 +338,14 @@ pub fn bind(buf: &mut BytesMut, portal: &str, statement: &str) {
     });
 }
 
+/// A Describe of portal `portal`.
+pub fn describe_portal(buf: &mut BytesMut, portal: &str) {
+    message(buf, b'D', |b| {
+        b.put_u8(b'P');
+        put_cstr(b, portal);
+    });
+}
+
 pub fn parse(buf: &mut BytesMut, name: &str, sql: &str) {
     message(buf, b'P', |b| {
         put_cstr(b, name);

@@ -818,8 +818,10 @@ enum Pending {
     },
     /// Describe of a statement: its ParameterDescription, then RowDescription or NoData.
     DescribeStatement(String),
-    /// Describe of a portal: its RowDescription or NoData.
-    DescribePortal(String),
+    /// Describe of a portal: its RowDescription or NoData. `injected`: the proxy's own, sent
+    /// after every Bind so each portal's columns are known even when the client never asks;
+    /// its answer is used here and not passed on.
+    DescribePortal { portal: String, injected: bool },
     /// Execute of a portal: its rows, then CommandComplete, PortalSuspended or
     /// EmptyQueryResponse.
     Execute(String),
@@ -863,7 +865,10 @@ impl Requests {
                 None => return Ok(()),
             },
             b'D' if body.first() == Some(&b'S') => Pending::DescribeStatement(cstr(&body[1..])),
-            b'D' => Pending::DescribePortal(cstr(body.get(1..).unwrap_or_default())),
+            b'D' => Pending::DescribePortal {
+                portal: cstr(body.get(1..).unwrap_or_default()),
+                injected: false,
+            },
             b'E' => Pending::Execute(cstr(body)),
             b'S' => Pending::Sync {
                 copies: VecDeque::new(),
@@ -883,6 +888,19 @@ impl Requests {
             return Err(TooManyPending);
         }
         q.push_back(p);
+        Ok(())
+    }
+
+    /// Note the Describe of `portal` the proxy adds after a Bind.
+    pub fn note_injected_describe(&self, portal: &str) -> Result<(), TooManyPending> {
+        let mut q = self.queue.lock().unwrap();
+        if q.len() >= MAX_PENDING {
+            return Err(TooManyPending);
+        }
+        q.push_back(Pending::DescribePortal {
+            portal: portal.to_string(),
+            injected: true,
+        });
         Ok(())
     }
 
@@ -1097,9 +1115,12 @@ impl<'m> ResultMasker<'m> {
                 Edit::Keep
             }
             b'n' => {
-                if self.describing.take().is_none() {
-                    self.requests
-                        .answer_front(|p| matches!(p, Pending::DescribePortal(_)));
+                if self.describing.take().is_none()
+                    && let Some(Pending::DescribePortal { injected: true, .. }) = self
+                        .requests
+                        .answer_front(|p| matches!(p, Pending::DescribePortal { .. }))
+                {
+                    return Ok(Edit::Drop);
                 }
                 Edit::Keep
             }
@@ -1245,9 +1266,14 @@ impl<'m> ResultMasker<'m> {
                 let rows = Rows::Described(plans, formats);
                 match self
                     .requests
-                    .answer_front(|p| matches!(p, Pending::DescribePortal(_)))
+                    .answer_front(|p| matches!(p, Pending::DescribePortal { .. }))
                 {
-                    Some(Pending::DescribePortal(portal)) => self.set_portal(portal, rows),
+                    Some(Pending::DescribePortal { portal, injected }) => {
+                        self.set_portal(portal, rows);
+                        if injected {
+                            return Ok(Edit::Drop);
+                        }
+                    }
                     _ => self.rows = rows,
                 }
             }
@@ -1609,6 +1635,36 @@ mod tests {
         assert!(redefines_names("CLOSE p; DECLARE p CURSOR FOR SELECT 1"));
         assert!(!redefines_names("SELECT 'declare' AS x"));
         assert!(!redefines_names("SELECT 1"));
+    }
+
+    #[test]
+    fn a_portal_the_client_never_describes_is_described_by_the_proxy() {
+        // A column rule on users.id; the client Parses, Binds and Executes without Describe.
+        let m = masker("{rules: [{name: ids, columns: [public.users.id]}]}");
+        let req = Requests::default();
+        let mut rm = ResultMasker::new(&m, relations(), &req);
+        req.note(b'P', b"\0SELECT id FROM users\0\0\0").unwrap();
+        req.note(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        req.note_injected_describe("").unwrap();
+        req.note(b'E', b"\0\0\0\0\0").unwrap();
+        req.note(b'S', b"").unwrap();
+        let out = rm
+            .rewrite(cat(&[
+                frame(b'1', b""),
+                frame(b'2', b""),
+                row_desc(&[("id", 16384, 1, 23, 0)]),
+                data_row(&[Some(b"42")]),
+                frame(b'C', b"SELECT 1\0"),
+                frame(b'Z', b"I"),
+            ]))
+            .unwrap();
+        let tags: Vec<u8> = frames(&out).iter().map(|(t, _)| *t).collect();
+        assert_eq!(
+            tags, b"12DCZ",
+            "the proxy's own RowDescription is not passed on"
+        );
+        assert_eq!(rows(&out), [vec![Some(b"****".to_vec())]]);
+        assert!(req.queue.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -781,6 +781,7 @@ async fn client_to_server(
         if let (Some(r), None | Some(Judgement::Allow)) = (requests, &verdict) {
             r.note(frame.tag, frame.body())?;
         }
+        let passed = !matches!(verdict, Some(Judgement::Deny(_)));
         match verdict {
             None => out.extend_from_slice(&frame.raw),
             Some(Judgement::Allow) => {
@@ -805,6 +806,14 @@ async fn client_to_server(
                 }
                 denials.push(marker, e);
             }
+        }
+        // Masking must know every portal's columns, also for clients that never Describe
+        // (column rules would not apply otherwise): describe it ourselves; the masker uses the
+        // answer and drops it.
+        if let (Some(r), true, b'B') = (requests, passed, frame.tag) {
+            let portal = codec::bind_names(&frame)?.0;
+            codec::describe_portal(&mut out, portal);
+            r.note_injected_describe(portal)?;
         }
         if frame.tag == b'X' {
             break;
