@@ -160,6 +160,11 @@ pub struct Masker {
 }
 
 impl Masker {
+    /// Whether any rule names columns: then values whose column is unknown cannot be judged.
+    pub fn has_column_rules(&self) -> bool {
+        self.rules.iter().any(|r| !r.columns.is_empty())
+    }
+
     pub fn new(rules: &MaskRules, key: TokenKey) -> Result<Masker, MaskError> {
         let builtin = Kind::DETECTORS
             .iter()

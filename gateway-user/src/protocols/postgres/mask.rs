@@ -507,7 +507,7 @@ pub struct CopyOut {
 /// Whether `sql` may give a name a protocol client uses to another prepared statement or portal
 /// (PREPARE, DEALLOCATE, DISCARD, DECLARE, CLOSE, or code that could run them). Unparsable:
 /// yes.
-fn redefines_names(sql: &str) -> bool {
+pub fn redefines_names(sql: &str) -> bool {
     use pg_query::protobuf::node::Node;
     const WORDS: [&[u8]; 6] = [
         b"prepare",
@@ -1288,12 +1288,16 @@ impl<'m> ResultMasker<'m> {
             Rows::Described(p, f) => (Some(p), f),
         };
         let (unknown, counts) = (&self.unknown, &mut self.counts);
+        // Rows of a portal whose columns are unknown (the client described neither it nor its
+        // statement in a way the proxy saw): with column rules in force nothing in them can be
+        // cleared, so every value is withheld; without, text is scanned.
+        let strict = self.masker.has_column_rules();
         let spliced = splice_values(body, 2, n.max(0) as usize, true, |i, v| {
             let binary = formats.binary(i);
             match plans.and_then(|p| p.get(i)) {
                 Some(p) => p.value(binary, v, counts),
-                // No description: text is scanned; binary cannot be read.
-                None if binary => {
+                // No description: binary cannot be read.
+                None if binary || strict => {
                     counts.add(&unknown.plan.withheld(v.len()));
                     Out::Withheld
                 }
@@ -1665,6 +1669,20 @@ mod tests {
         );
         assert_eq!(rows(&out), [vec![Some(b"****".to_vec())]]);
         assert!(req.queue.lock().unwrap().is_empty());
+        // Had no description arrived at all (a Describe the server skipped after an error),
+        // nothing in the rows could be cleared under column rules: all withheld.
+        req.note(b'B', &[0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+        req.note(b'E', b"\0\0\0\0\0").unwrap();
+        req.note(b'S', b"").unwrap();
+        let out = rm
+            .rewrite(cat(&[
+                frame(b'2', b""),
+                data_row(&[Some(b"42")]),
+                frame(b'C', b"SELECT 1\0"),
+                frame(b'Z', b"I"),
+            ]))
+            .unwrap();
+        assert_eq!(rows(&out), [vec![None]]);
     }
 
     #[test]

@@ -709,6 +709,9 @@ async fn client_to_server(
     // Protocol-level prepared statements: the facts each was judged on, and under which policy
     // generation, so a Bind after a reload (or after the agent's token lapsed) is judged again.
     let mut statements: HashMap<String, (Facts, u64)> = HashMap::new();
+    // Statements the client itself described since it parsed them: their portals need no
+    // Describe from the proxy (the masker saw the description). Anything else gets one.
+    let mut described: std::collections::HashSet<String> = Default::default();
     while let Some(frame) = frames.next().await {
         let frame = frame?;
         *counters.bytes_up += frame.raw.len() as u64;
@@ -810,10 +813,25 @@ async fn client_to_server(
         // Masking must know every portal's columns, also for clients that never Describe
         // (column rules would not apply otherwise): describe it ourselves; the masker uses the
         // answer and drops it.
-        if let (Some(r), true, b'B') = (requests, passed, frame.tag) {
-            let portal = codec::bind_names(&frame)?.0;
-            codec::describe_portal(&mut out, portal);
-            r.note_injected_describe(portal)?;
+        if let (Some(r), true) = (requests, passed) {
+            match frame.tag {
+                b'P' => {
+                    described.remove(codec::parse_sql(&frame)?.0);
+                }
+                b'D' if frame.body().first() == Some(&b'S') => {
+                    let mut name = &frame.body()[1..];
+                    described.insert(codec::cstr(&mut name, "Describe")?.to_string());
+                }
+                b'Q' if mask::redefines_names(codec::query_sql(&frame)?) => described.clear(),
+                b'B' => {
+                    let (portal, statement) = codec::bind_names(&frame)?;
+                    if !described.contains(statement) {
+                        codec::describe_portal(&mut out, portal);
+                        r.note_injected_describe(portal)?;
+                    }
+                }
+                _ => {}
+            }
         }
         if frame.tag == b'X' {
             break;
