@@ -68,6 +68,46 @@ pub struct Decision {
     pub rule: String,
 }
 
+impl Decision {
+    fn allow(rule: String) -> Self {
+        Self {
+            verdict: Verdict::Allow,
+            rule,
+        }
+    }
+
+    fn deny(rule: String) -> Self {
+        Self {
+            verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
+            rule,
+        }
+    }
+
+    fn hold(rule: String) -> Self {
+        Self {
+            verdict: Verdict::Hold,
+            rule,
+        }
+    }
+}
+
+/// The grants that apply, folded: deny wins, then review, then allow; `covers` says whether a
+/// grant of that effect covers what is asked. `None`: no grant does.
+fn strongest<'g>(
+    grants: impl Iterator<Item = (usize, &'g Grant)>,
+    covers: impl Fn(&Grant) -> bool,
+) -> Option<Decision> {
+    let (mut review, mut allow) = (None, None);
+    for (i, g) in grants.filter(|(_, g)| covers(g)) {
+        match g.effect {
+            Effect::Deny => return Some(Decision::deny(g.label(i))),
+            Effect::Review => review = review.or_else(|| Some(g.label(i))),
+            Effect::Allow => allow = allow.or_else(|| Some(g.label(i))),
+        }
+    }
+    review.map(Decision::hold).or(allow.map(Decision::allow))
+}
+
 /// The policy in force, replaced whole on reload. Decisions take the current one each time, so
 /// a live session's next statement is judged by the newest rules.
 #[derive(Debug)]
@@ -183,18 +223,10 @@ pub fn evaluate(policy: &Policy, subject: &Subject<'_>, action: &Action<'_>) -> 
         Action::Connect {
             target: Some(t), ..
         } => evaluate_connect(policy, subject, t),
-        Action::Connect { target: None, .. } => {
-            let rule = match policy.unlisted {
-                Unlisted::Allow => "unlisted: allow",
-                Unlisted::Deny => "unlisted: deny",
-            }
-            .to_string();
-            let verdict = match policy.unlisted {
-                Unlisted::Allow => Verdict::Allow,
-                Unlisted::Deny => Verdict::Deny(Refusal { rule: rule.clone() }),
-            };
-            Decision { verdict, rule }
-        }
+        Action::Connect { target: None, .. } => match policy.unlisted {
+            Unlisted::Allow => Decision::allow("unlisted: allow".into()),
+            Unlisted::Deny => Decision::deny("unlisted: deny".into()),
+        },
     }
 }
 
@@ -205,42 +237,17 @@ fn evaluate_sql(policy: &Policy, subject: &Subject<'_>, target: &str, facts: &Fa
         .iter()
         .enumerate()
         .filter(|(_, g)| g.applies(subject.agent, target, subject.now));
-    let (mut review, mut allow) = (None, None);
-    for (i, g) in applicable {
-        match g.effect {
-            Effect::Deny if deny_matches(&g.sql, facts) => {
-                let rule = g.label(i);
-                return Decision {
-                    verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
-                    rule,
-                };
-            }
-            Effect::Review if covers(&g.sql, facts) => review = review.or(Some(g.label(i))),
-            Effect::Allow if covers(&g.sql, facts) => allow = allow.or(Some(g.label(i))),
-            _ => {}
-        }
-    }
-    if let Some(rule) = review {
-        return Decision {
-            verdict: Verdict::Hold,
-            rule,
-        };
-    }
-    if let Some(rule) = allow {
-        return Decision {
-            verdict: Verdict::Allow,
-            rule,
-        };
-    }
-    let rule = format!(
-        "no grant allows this {} statement for {} on {target}",
-        facts.worst().map_or("empty", SqlClass::as_str),
-        identity.unwrap_or("an unidentified agent")
-    );
-    Decision {
-        verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
-        rule,
-    }
+    strongest(applicable, |g| match g.effect {
+        Effect::Deny => deny_matches(&g.sql, facts),
+        Effect::Review | Effect::Allow => covers(&g.sql, facts),
+    })
+    .unwrap_or_else(|| {
+        Decision::deny(format!(
+            "no grant allows this {} statement for {} on {target}",
+            facts.worst().map_or("empty", SqlClass::as_str),
+            identity.unwrap_or("an unidentified agent")
+        ))
+    })
 }
 
 /// A connection to a target. PostgreSQL targets judge every statement, so the connection
@@ -248,53 +255,26 @@ fn evaluate_sql(policy: &Policy, subject: &Subject<'_>, target: &str, facts: &Fa
 /// decide (deny wins, then review, then allow; none applying: denied); a TCP target no grant
 /// names is open to every agent, as the target entry itself says.
 fn evaluate_connect(policy: &Policy, subject: &Subject<'_>, t: &Target) -> Decision {
-    let allowed = |rule: String| Decision {
-        verdict: Verdict::Allow,
-        rule,
-    };
     if t.protocol != crate::config::ProtocolKind::Tcp
         || !policy.grants.iter().any(|g| g.target == t.name)
     {
-        return allowed(format!("target `{}`", t.name));
+        return Decision::allow(format!("target `{}`", t.name));
     }
-    let (mut review, mut allow) = (None, None);
-    for (i, g) in policy.grants.iter().enumerate() {
-        if !g.applies(subject.agent, &t.name, subject.now) {
-            continue;
-        }
-        match g.effect {
-            Effect::Deny => {
-                let rule = g.label(i);
-                return Decision {
-                    verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
-                    rule,
-                };
-            }
-            Effect::Review => review = review.or(Some(g.label(i))),
-            Effect::Allow => allow = allow.or(Some(g.label(i))),
-        }
-    }
-    if let Some(rule) = review {
-        return Decision {
-            verdict: Verdict::Hold,
-            rule,
-        };
-    }
-    if let Some(rule) = allow {
-        return allowed(rule);
-    }
-    let rule = format!(
-        "no grant allows {} to connect to `{}`",
-        subject
-            .agent
-            .and_then(|a| a.name.as_deref())
-            .unwrap_or("an unidentified agent"),
-        t.name
-    );
-    Decision {
-        verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
-        rule,
-    }
+    let applicable = policy
+        .grants
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.applies(subject.agent, &t.name, subject.now));
+    strongest(applicable, |_| true).unwrap_or_else(|| {
+        Decision::deny(format!(
+            "no grant allows {} to connect to `{}`",
+            subject
+                .agent
+                .and_then(|a| a.name.as_deref())
+                .unwrap_or("an unidentified agent"),
+            t.name
+        ))
+    })
 }
 
 /// A connection from an agent whose ID token has expired (or whose binding cannot be read):
@@ -306,10 +286,7 @@ fn expired_token(subject: &Subject<'_>) -> Option<Decision> {
             "the identity binding of agent cgroup {} cannot be read ({e})",
             agent.cgroup
         );
-        return Some(Decision {
-            verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
-            rule,
-        });
+        return Some(Decision::deny(rule));
     }
     let vouched = agent.oidc.as_ref()?;
     let now_ms = u64::try_from(subject.now.timestamp_millis()).unwrap_or(0);
@@ -332,10 +309,7 @@ fn expired_token(subject: &Subject<'_>) -> Option<Decision> {
             vouched.subject
         )
     };
-    Some(Decision {
-        verdict: Verdict::Deny(Refusal { rule: rule.clone() }),
-        rule,
-    })
+    Some(Decision::deny(rule))
 }
 
 /// An allow/review grant covers the facts when it lists every class, every relation matches one
