@@ -390,6 +390,8 @@ fn an_agent_cannot_start_agents_or_leave_its_cgroup() {
         "{bin} --config {cfg} run --token-file {tok} -- true; echo rc=$?; \
          echo $$ > {root}/cgroup.procs 2>/dev/null && echo left || echo stayed; \
          echo $$ > {root}/other-agent/cgroup.procs 2>/dev/null && echo joined || echo kept-out; \
+         grep NoNewPrivs /proc/self/status; \
+         [ \"$(ps -o sid= -p $$ | tr -d ' ')\" = \"$$\" ] && echo own-session; \
          cat /proc/self/cgroup",
         bin = chaperone_bin().display(),
         cfg = e.d.config.display(),
@@ -406,6 +408,10 @@ fn an_agent_cannot_start_agents_or_leave_its_cgroup() {
     assert!(stdout.contains("rc=2"), "{stdout}");
     assert!(stdout.contains("stayed"), "{stdout}");
     assert!(stdout.contains("kept-out"), "{stdout}");
+    // Even an unprivileged caller's agent cannot regain privileges (sudo, setuid binaries),
+    // and it leads a session of its own, away from the caller's terminal.
+    assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
+    assert!(stdout.contains("own-session"), "{stdout}");
     let _ = other.kill();
     let _ = other.wait();
     let tree = root.file_name().unwrap().to_str().unwrap();
