@@ -197,6 +197,23 @@ impl TestDaemon {
         panic!("daemon not ready after 30 s; log:\n{}", self.log());
     }
 
+    /// The daemon's control socket (named after its pin directory, as the daemon names it).
+    pub fn control_socket(&self) -> PathBuf {
+        let name: String = self
+            .pin_dir
+            .to_string_lossy()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        PathBuf::from(format!("/run/chaperone/{name}.sock"))
+    }
+
     /// Send `sig` to the daemon.
     pub fn signal(&self, sig: i32) {
         let pid = self.child.as_ref().expect("daemon running").id();

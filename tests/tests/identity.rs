@@ -589,6 +589,64 @@ fn masking_follows_the_grants_that_apply() {
     assert_eq!(carol["masked"]["values"], 1, "{carol}");
 }
 
+/// The control socket's `refresh`: only a newer token for the same subject replaces an agent's.
+#[test]
+fn a_refresh_takes_only_a_newer_token_for_the_same_subject() {
+    if skip_unless_root("a_refresh_takes_only_a_newer_token_for_the_same_subject") {
+        return;
+    }
+    let e = env(600);
+    let older = e.op.token("alice", "chaperone");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let bound = e.op.token("alice", "chaperone");
+    let file = e.op.token_file("bound", &bound);
+    let mut agent =
+        e.d.cmd()
+            .arg("run")
+            .arg("--token-file")
+            .arg(&file)
+            .args(["--user", "nobody", "--", "sleep", "20"])
+            .spawn()
+            .unwrap();
+    let bound_event = e.d.wait_for_audits("agent_bound", 1);
+    let cgroup = bound_event[0]["agent"]["cgroup"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let socket = e.d.control_socket();
+    let refresh = |token: &str| -> serde_json::Value {
+        let request = serde_json::json!({"op": "refresh", "cgroup": cgroup, "token": token});
+        let out = std::process::Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n\
+                 s.sendall(sys.argv[2].encode()+b'\\n')\nprint(s.makefile().readline())",
+                socket.to_str().unwrap(),
+                &request.to_string(),
+            ])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"))
+    };
+    let v = refresh(&older);
+    assert_eq!(v["result"], "error", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("older token"),
+        "{v}"
+    );
+    let v = refresh(&e.op.token("bob", "chaperone"));
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("not alice"),
+        "{v}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let v = refresh(&e.op.token("alice", "chaperone"));
+    assert_eq!(v["result"], "refreshed", "{v}");
+    assert_eq!(v["agent"]["oidc"]["subject"], "alice");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
 fn base64url_decode(s: &str) -> Vec<u8> {
     let out = std::process::Command::new("/usr/bin/python3")
         .args([
