@@ -94,6 +94,9 @@ pub struct DaemonStatus {
     pub pin_dir: PathBuf,
     pub agent_cgroup: PathBuf,
     pub sessions_log: PathBuf,
+    /// Where `chaperone run` (and later the live CLI) asks the daemon for things.
+    #[serde(default)]
+    pub control_socket: PathBuf,
     pub started_at_ms: u64,
 }
 
@@ -159,6 +162,7 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         pin_dir: config.pin_dir.clone(),
         agent_cgroup: tree.root().to_path_buf(),
         sessions_log: config.sessions_log(),
+        control_socket: crate::control::socket_path(&config.pin_dir),
         started_at_ms: now_ms(),
     };
     write_status(&config, &status)?;

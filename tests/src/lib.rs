@@ -197,21 +197,13 @@ impl TestDaemon {
         panic!("daemon not ready after 30 s; log:\n{}", self.log());
     }
 
-    /// The daemon's control socket (named after its pin directory, as the daemon names it).
+    /// The daemon's control socket, as its status file names it.
     pub fn control_socket(&self) -> PathBuf {
-        let name: String = self
-            .pin_dir
-            .to_string_lossy()
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        PathBuf::from(format!("/run/chaperone/{name}.sock"))
+        let status: Value = serde_json::from_str(
+            &std::fs::read_to_string(self.dir.join("state/daemon.json")).unwrap(),
+        )
+        .unwrap();
+        PathBuf::from(status["control_socket"].as_str().expect("control_socket"))
     }
 
     /// Send `sig` to the daemon.
