@@ -306,13 +306,19 @@ impl Config {
     /// belong to root and be writable by no one else (whoever can write them can change the
     /// policy, the issuer and where the daemon pins and writes).
     pub fn load_trusted(path: &Path) -> Result<Self, ConfigError> {
+        Self::ensure_trusted(path)?;
+        Self::load(Some(path))
+    }
+
+    /// The trust check of [`Config::load_trusted`] alone, for a configuration already loaded.
+    pub fn ensure_trusted(path: &Path) -> Result<(), ConfigError> {
         check_trusted(path)?;
         if path.is_dir() {
             for f in config_files(path)? {
                 check_trusted(&f)?;
             }
         }
-        Self::load(Some(path))
+        Ok(())
     }
 
     /// Every `*.yaml`/`*.yml` file of `dir`, in name order, merged.

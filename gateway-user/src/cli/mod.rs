@@ -189,10 +189,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Daemon(args) if args.uninstall => uninstall(&config, args.force, cli.json),
         Command::Daemon(_) => {
             // The daemon trusts its configuration with everything: root's files only.
-            let config = match &config.path {
-                Some(path) => Config::load_trusted(path)?,
-                None => config,
-            };
+            if let Some(path) = &config.path {
+                Config::ensure_trusted(path)?;
+            }
             let mut rt = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = std::env::var("CHAPERONE_WORKERS")
                 .ok()
