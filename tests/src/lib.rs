@@ -206,11 +206,15 @@ impl TestDaemon {
         PathBuf::from(status["control_socket"].as_str().expect("control_socket"))
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
     /// Send `sig` to the daemon.
     pub fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().expect("daemon running").id();
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(pid as i32, sig) };
+        unsafe { libc::kill(self.pid() as i32, sig) };
     }
 
     /// Audit events of the session log (agents bound, binds refused, reloads, expiries), read

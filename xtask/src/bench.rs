@@ -7,11 +7,13 @@
 //! - bulk: one connection streams 2 GiB to a sink; GB/s
 //!
 //! `pg`: `pgbench -S` (10 clients, simple and prepared) against one PostgreSQL 15, directly,
-//! through PgBouncer (transaction mode) and through Chaperone (read-only policy, every landed
-//! feature on: classification, policy, session records); TPS, mean latency and ratios.
+//! through PgBouncer (transaction mode), through Chaperone as a plain TCP relay (no decoding:
+//! the floor for any proxy on this hop) and through Chaperone's PostgreSQL proxy (read-only
+//! policy, every landed feature on: classification, policy, masking, session records); TPS,
+//! mean latency, ratios, and the proxy's own CPU time per transaction.
 
 use anyhow::{Context as _, Result, bail};
-use chaperone_tests::{Postgres, TestDaemon};
+use chaperone_tests::{DaemonOptions, Postgres, TestDaemon};
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -204,10 +206,27 @@ pub fn relay(chaperone: &Path, client_bin: &Path) -> Result<()> {
 struct PgFigures {
     tps: f64,
     latency_ms: f64,
+    /// CPU time the proxy process used per transaction, µs (None: no proxy).
+    proxy_cpu_us: Option<f64>,
 }
 
-fn pgbench(cmd: &mut Command) -> Result<PgFigures> {
+/// User + system CPU seconds a process has used so far (all its threads).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+/// Run pgbench; with `proxy`, also measure that process's CPU time over the run.
+fn pgbench(cmd: &mut Command, proxy: Option<u32>) -> Result<PgFigures> {
+    let before = proxy.map(cpu_seconds).transpose()?;
     let out = cmd.output().context("running pgbench")?;
+    let after = proxy.map(cpu_seconds).transpose()?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -223,9 +242,12 @@ fn pgbench(cmd: &mut Command) -> Result<PgFigures> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no `{prefix}` in pgbench output:\n{text}"))
     };
+    let tps = find("tps = ")?;
+    let transactions = find("number of transactions actually processed: ")?;
     Ok(PgFigures {
-        tps: find("tps = ")?,
+        tps,
         latency_ms: find("latency average = ")?,
+        proxy_cpu_us: before.zip(after).map(|(b, a)| (a - b) / transactions * 1e6),
     })
 }
 
@@ -318,70 +340,74 @@ pub fn pg(chaperone: &Path) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let (bouncer, bouncer_port) = start_pgbouncer(&pg, &dir)?;
     let daemon = TestDaemon::start(pg.daemon_options_with_functions(&[]));
+    // The same server as a plain `tcp` target: bytes relayed, nothing decoded, the agent logs
+    // in itself. No proxy on this hop can cost less.
+    let relay = TestDaemon::start(DaemonOptions {
+        targets: vec![("pg".into(), "127.0.0.1".into(), pg.port)],
+        ..DaemonOptions::default()
+    });
+    let direct_client = |mode: &str, port: u16| {
+        let mut c = Command::new("pgbench");
+        c.args(pgbench_args(mode, port, "agent_ro"))
+            .env("PGPASSWORD", &pg.ro_password)
+            .env("PGSSLMODE", "disable");
+        c
+    };
+    let agent = |d: &TestDaemon, mode: &str, user: &str| {
+        let mut c = d.cmd();
+        c.args(["run", "--as", "agent", "--user", "nobody", "--", "pgbench"])
+            .args(pgbench_args(mode, pg.port, user))
+            .env("PGPASSWORD", &pg.ro_password)
+            .env("PGSSLMODE", "disable");
+        c
+    };
 
-    let mut rows = Vec::new();
+    let mut rows: Vec<(&str, &str, PgFigures)> = Vec::new();
     for mode in ["simple", "prepared"] {
-        let direct = pgbench(
-            Command::new("pgbench")
-                .args(pgbench_args(mode, pg.port, "agent_ro"))
-                .env("PGPASSWORD", &pg.ro_password)
-                .env("PGSSLMODE", "disable"),
-        )?;
+        rows.push((
+            mode,
+            "direct",
+            pgbench(&mut direct_client(mode, pg.port), None)?,
+        ));
         // PgBouncer 1.18 (Debian 12) has no prepared statements in transaction mode.
-        let bouncer = (mode == "simple")
-            .then(|| {
-                pgbench(
-                    Command::new("pgbench")
-                        .args(pgbench_args(mode, bouncer_port, "agent_ro"))
-                        .env("PGPASSWORD", &pg.ro_password)
-                        .env("PGSSLMODE", "disable"),
-                )
-            })
-            .transpose()?;
-        let via = pgbench(
-            daemon
-                .cmd()
-                .args(["run", "--as", "agent", "--user", "nobody", "--", "pgbench"])
-                .args(pgbench_args(mode, pg.port, "agent"))
-                .env("PGSSLMODE", "disable"),
-        )?;
-        rows.push((mode, direct, bouncer, via));
+        if mode == "simple" {
+            let f = pgbench(&mut direct_client(mode, bouncer_port), Some(bouncer.0.id()))?;
+            rows.push((mode, "PgBouncer (transaction mode)", f));
+        }
+        let f = pgbench(&mut agent(&relay, mode, "agent_ro"), Some(relay.pid()))?;
+        rows.push((mode, "Chaperone, TCP relay (no decoding)", f));
+        // The agent names no password: the daemon injects the credential.
+        let f = pgbench(&mut agent(&daemon, mode, "agent"), Some(daemon.pid()))?;
+        rows.push((mode, "Chaperone, PostgreSQL (read-only, masking)", f));
     }
     drop(bouncer);
     drop(daemon);
+    drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
-        "\npgbench -S, {PG_CLIENTS} clients, {PG_SECONDS} s each, same PostgreSQL 15, same run (TPS / mean latency)"
+        "\npgbench -S, {PG_CLIENTS} clients, {PG_SECONDS} s each, one PostgreSQL 15, same run"
     );
     println!(
-        "{:<10} {:>20} {:>28} {:>28}",
-        "mode", "direct", "PgBouncer (transaction)", "Chaperone (read-only policy)"
+        "{:<9} {:<44} {:>8} {:>7} {:>10} {:>10} {:>10}",
+        "mode", "path", "TPS", "/direct", "latency", "+latency", "proxy CPU"
     );
-    for (mode, d, b, c) in rows {
-        let cell = |f: PgFigures| {
-            format!(
-                "{:>8.0} {:>5.3} ms {:>4.0}%",
-                f.tps,
-                f.latency_ms,
-                f.tps / d.tps * 100.0
-            )
-        };
-        let b = b.map_or("n/a (1.18: no prepared)".to_string(), cell);
+    let mut direct = None;
+    for (mode, path, f) in rows {
+        if path == "direct" {
+            direct = Some(f);
+        }
+        let d = direct.context("each mode measures direct first")?;
         println!(
-            "{:<10} {:>8.0} {:>5.3} ms {:>28} {:>28}",
+            "{:<9} {:<44} {:>8.0} {:>6.0}% {:>7.3} ms {:>7.1} µs {:>10}",
             mode,
-            d.tps,
-            d.latency_ms,
-            b,
-            cell(c)
-        );
-        println!(
-            "{:<10} {:>20} {:>28} {:>28}",
-            "",
-            "",
-            "",
-            format!("latency {:+.1} µs", (c.latency_ms - d.latency_ms) * 1000.0)
+            path,
+            f.tps,
+            f.tps / d.tps * 100.0,
+            f.latency_ms,
+            (f.latency_ms - d.latency_ms) * 1000.0,
+            f.proxy_cpu_us
+                .map_or(String::new(), |us| format!("{us:.1} µs/tx")),
         );
     }
     Ok(())
