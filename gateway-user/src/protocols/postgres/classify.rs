@@ -12,9 +12,13 @@
 //! Unqualified relation names resolve as the default `search_path` would (`pg_catalog` for
 //! `pg_*` names, else `public`); changing `search_path` is itself `admin`.
 //!
+//! From the same parse it also reads what the result masking needs (see `mask`): the row layout
+//! of each `COPY … TO STDOUT`, and whether a statement may give a protocol-level name to another
+//! statement or portal.
+//!
 //! This module describes; it decides nothing (see `policy::sql`).
 
-use pg_query::ParserOptions;
+use pg_query::{ParserOptions, protobuf::node::Node};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::{
@@ -150,6 +154,15 @@ pub struct Classified {
     /// cached by normalized text.
     #[serde(skip)]
     pub depends_on_constants: bool,
+    /// A top-level PREPARE, DEALLOCATE, DISCARD, DECLARE, CLOSE or DO: the string may give a
+    /// name a protocol client uses to another prepared statement or portal, so descriptions kept
+    /// from before no longer hold. Only statement types decide, so every text of a shape agrees.
+    #[serde(skip)]
+    pub redefines_names: bool,
+    /// The `COPY … TO STDOUT` statements, in order: how the rows the client gets are laid out.
+    /// Read from option values, but a COPY is never shared by shape (`depends_on_constants`).
+    #[serde(skip)]
+    pub copy_outs: Vec<CopyOut>,
 }
 
 impl Classified {
@@ -215,6 +228,14 @@ fn classify_with(sql: &str, opts: ParserOptions) -> Result<Classified, ClassifyE
         ..Walker::default()
     };
     for raw in &parsed.protobuf.stmts {
+        // What the result masking needs, read here so that the string is parsed once.
+        let stmt = raw.stmt.as_ref().and_then(|s| s.node.as_ref());
+        w.out.redefines_names |= redefines_names(stmt);
+        if let Some(Node::CopyStmt(c)) = stmt
+            && let Some(out) = CopyOut::of(c)
+        {
+            w.out.copy_outs.push(out);
+        }
         let start = raw.stmt_location.max(0) as usize;
         let end = if raw.stmt_len > 0 {
             start + raw.stmt_len as usize
@@ -227,6 +248,144 @@ fn classify_with(sql: &str, opts: ParserOptions) -> Result<Classified, ClassifyE
         w.value(&tree, Ctx::top());
     }
     Ok(w.out)
+}
+
+/// COPY options that shape a row: text (`\`-escaped, tab-separated) or CSV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyFormat {
+    pub csv: bool,
+    pub delimiter: u8,
+    pub quote: u8,
+    pub escape: u8,
+}
+
+impl Default for CopyFormat {
+    fn default() -> Self {
+        Self {
+            csv: false,
+            delimiter: b'\t',
+            quote: b'"',
+            escape: b'"',
+        }
+    }
+}
+
+/// A `COPY … TO STDOUT`: its row format, and the table and columns it copies (none for
+/// `COPY (query)`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyOut {
+    pub format: CopyFormat,
+    /// The first row holds column names (`HEADER`).
+    pub header: bool,
+    /// Schema (`None`: unqualified) and table.
+    pub table: Option<(Option<String>, String)>,
+    /// `COPY t (a, b)`: the columns named.
+    pub columns: Vec<String>,
+    /// An `ENCODING` other than UTF-8: the bytes could not be split into fields reliably (in
+    /// SJIS a backslash can be a multibyte character's second byte), so the rows are refused
+    /// like binary COPY.
+    pub foreign_encoding: bool,
+}
+
+impl CopyOut {
+    /// What a COPY statement sends the client, when it is a `COPY … TO STDOUT` (`None` for COPY
+    /// FROM and COPY to a file or program).
+    fn of(c: &pg_query::protobuf::CopyStmt) -> Option<CopyOut> {
+        if c.is_from || c.is_program || !c.filename.is_empty() {
+            return None;
+        }
+        let string = |n: &Option<Box<pg_query::protobuf::Node>>| match n
+            .as_deref()
+            .and_then(|n| n.node.as_ref())
+        {
+            Some(Node::String(s)) => Some(s.sval.clone()),
+            _ => None,
+        };
+        let mut f = CopyFormat::default();
+        let mut header = false;
+        let mut escape = None;
+        let mut foreign_encoding = false;
+        for o in &c.options {
+            let Some(Node::DefElem(d)) = &o.node else {
+                continue;
+            };
+            let first = || string(&d.arg).and_then(|s| s.bytes().next());
+            match d.defname.as_str() {
+                "format" => f.csv = string(&d.arg).is_some_and(|s| s.eq_ignore_ascii_case("csv")),
+                "delimiter" => f.delimiter = first().unwrap_or(f.delimiter),
+                "quote" => f.quote = first().unwrap_or(f.quote),
+                "escape" => escape = first(),
+                "encoding" => {
+                    foreign_encoding = !string(&d.arg).is_some_and(|e| {
+                        matches!(
+                            e.to_ascii_lowercase().replace(['-', '_'], "").as_str(),
+                            "utf8" | "unicode"
+                        )
+                    })
+                }
+                // `HEADER` alone, or true/on/1/match.
+                "header" => {
+                    header = string(&d.arg).is_none_or(|v| {
+                        !matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "0")
+                    }) && !matches!(
+                        d.arg.as_deref().and_then(|n| n.node.as_ref()),
+                        Some(Node::Boolean(b)) if !b.boolval
+                    ) && !matches!(
+                        d.arg.as_deref().and_then(|n| n.node.as_ref()),
+                        Some(Node::Integer(i)) if i.ival == 0
+                    )
+                }
+                _ => {}
+            }
+        }
+        if f.csv
+            && f.delimiter == b'\t'
+            && !c
+                .options
+                .iter()
+                .any(|o| matches!(&o.node, Some(Node::DefElem(d)) if d.defname == "delimiter"))
+        {
+            f.delimiter = b',';
+        }
+        // CSV's escape defaults to its quote.
+        f.escape = escape.unwrap_or(f.quote);
+        let table = c.relation.as_ref().map(|r| {
+            let schema = (!r.schemaname.is_empty()).then(|| r.schemaname.clone());
+            (schema, r.relname.clone())
+        });
+        let columns = c
+            .attlist
+            .iter()
+            .filter_map(|n| match &n.node {
+                Some(Node::String(s)) => Some(s.sval.clone()),
+                _ => None,
+            })
+            .collect();
+        Some(CopyOut {
+            format: f,
+            header,
+            table,
+            columns,
+            foreign_encoding,
+        })
+    }
+}
+
+/// Whether a top-level statement may give a name a protocol client uses to another prepared
+/// statement or portal: PREPARE, DEALLOCATE, DISCARD, DECLARE, CLOSE, or code that could run
+/// them (DO).
+fn redefines_names(stmt: Option<&Node>) -> bool {
+    matches!(
+        stmt,
+        Some(
+            Node::PrepareStmt(_)
+                | Node::DeallocateStmt(_)
+                | Node::DiscardStmt(_)
+                | Node::DeclareCursorStmt(_)
+                | Node::ClosePortalStmt(_)
+                | Node::DoStmt(_)
+        )
+    )
 }
 
 /// Offsets of the STDIN/STDOUT keywords, by PostgreSQL's own scanner: the parse tree gives

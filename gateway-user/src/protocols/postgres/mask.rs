@@ -41,6 +41,7 @@
 //! E / N              ─ M, D, H, W fields ─▶ E' / N'
 //! ```
 
+use super::classify::{CopyFormat, CopyOut};
 use crate::mask::{Column, ColumnMasker, MaskCounts, Masked, Masker, Splicer, ValueType};
 use bytes::{BufMut, BytesMut};
 use std::{
@@ -467,181 +468,6 @@ fn row_description(body: &[u8]) -> Result<Vec<FieldDesc<'_>>, MaskWireError> {
     Ok(out)
 }
 
-/// COPY options that shape a row: text (`\`-escaped, tab-separated) or CSV.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CopyFormat {
-    pub csv: bool,
-    pub delimiter: u8,
-    pub quote: u8,
-    pub escape: u8,
-}
-
-impl Default for CopyFormat {
-    fn default() -> Self {
-        Self {
-            csv: false,
-            delimiter: b'\t',
-            quote: b'"',
-            escape: b'"',
-        }
-    }
-}
-
-/// A `COPY … TO STDOUT`: its row format, and the table and columns it copies (none for
-/// `COPY (query)`).
-#[derive(Debug, Clone, Default)]
-pub struct CopyOut {
-    pub format: CopyFormat,
-    /// The first row holds column names (`HEADER`).
-    pub header: bool,
-    /// Schema (`None`: unqualified) and table.
-    pub table: Option<(Option<String>, String)>,
-    /// `COPY t (a, b)`: the columns named.
-    pub columns: Vec<String>,
-    /// An `ENCODING` other than UTF-8: the bytes could not be split into fields reliably (in
-    /// SJIS a backslash can be a multibyte character's second byte), so the rows are refused
-    /// like binary COPY.
-    pub foreign_encoding: bool,
-}
-
-/// Whether `sql` may give a name a protocol client uses to another prepared statement or portal
-/// (PREPARE, DEALLOCATE, DISCARD, DECLARE, CLOSE, or code that could run them). Unparsable:
-/// yes.
-pub fn redefines_names(sql: &str) -> bool {
-    use pg_query::protobuf::node::Node;
-    const WORDS: [&[u8]; 6] = [
-        b"prepare",
-        b"deallocate",
-        b"discard",
-        b"declare",
-        b"close",
-        b"do",
-    ];
-    let bytes = sql.as_bytes();
-    let mentions = WORDS
-        .iter()
-        .any(|w| bytes.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)));
-    if !mentions {
-        return false;
-    }
-    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
-        return true;
-    };
-    parsed.protobuf.stmts.iter().any(|raw| {
-        matches!(
-            raw.stmt.as_ref().and_then(|s| s.node.as_ref()),
-            Some(
-                Node::PrepareStmt(_)
-                    | Node::DeallocateStmt(_)
-                    | Node::DiscardStmt(_)
-                    | Node::DeclareCursorStmt(_)
-                    | Node::ClosePortalStmt(_)
-                    | Node::DoStmt(_)
-            )
-        )
-    })
-}
-
-/// The `COPY … TO STDOUT` statements in `sql`, in order (empty when there are none or it does
-/// not parse: rows are then read as text format, fields by the detectors only).
-pub fn copy_outs(sql: &str) -> VecDeque<CopyOut> {
-    use pg_query::protobuf::node::Node;
-    if !sql
-        .as_bytes()
-        .windows(4)
-        .any(|w| w.eq_ignore_ascii_case(b"copy"))
-    {
-        return VecDeque::new();
-    }
-    let Ok(parsed) = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT) else {
-        return VecDeque::new();
-    };
-    let string = |n: &Option<Box<pg_query::protobuf::Node>>| match n
-        .as_deref()
-        .and_then(|n| n.node.as_ref())
-    {
-        Some(Node::String(s)) => Some(s.sval.clone()),
-        _ => None,
-    };
-    let mut out = VecDeque::new();
-    for raw in &parsed.protobuf.stmts {
-        let Some(Node::CopyStmt(c)) = raw.stmt.as_ref().and_then(|s| s.node.as_ref()) else {
-            continue;
-        };
-        if c.is_from || c.is_program || !c.filename.is_empty() {
-            continue;
-        }
-        let mut f = CopyFormat::default();
-        let mut header = false;
-        let mut escape = None;
-        let mut foreign_encoding = false;
-        for o in &c.options {
-            let Some(Node::DefElem(d)) = &o.node else {
-                continue;
-            };
-            let first = || string(&d.arg).and_then(|s| s.bytes().next());
-            match d.defname.as_str() {
-                "format" => f.csv = string(&d.arg).is_some_and(|s| s.eq_ignore_ascii_case("csv")),
-                "delimiter" => f.delimiter = first().unwrap_or(f.delimiter),
-                "quote" => f.quote = first().unwrap_or(f.quote),
-                "escape" => escape = first(),
-                "encoding" => {
-                    foreign_encoding = !string(&d.arg).is_some_and(|e| {
-                        matches!(
-                            e.to_ascii_lowercase().replace(['-', '_'], "").as_str(),
-                            "utf8" | "unicode"
-                        )
-                    })
-                }
-                // `HEADER` alone, or true/on/1/match.
-                "header" => {
-                    header = string(&d.arg).is_none_or(|v| {
-                        !matches!(v.to_ascii_lowercase().as_str(), "false" | "off" | "0")
-                    }) && !matches!(
-                        d.arg.as_deref().and_then(|n| n.node.as_ref()),
-                        Some(Node::Boolean(b)) if !b.boolval
-                    ) && !matches!(
-                        d.arg.as_deref().and_then(|n| n.node.as_ref()),
-                        Some(Node::Integer(i)) if i.ival == 0
-                    )
-                }
-                _ => {}
-            }
-        }
-        if f.csv
-            && f.delimiter == b'\t'
-            && !c
-                .options
-                .iter()
-                .any(|o| matches!(&o.node, Some(Node::DefElem(d)) if d.defname == "delimiter"))
-        {
-            f.delimiter = b',';
-        }
-        // CSV's escape defaults to its quote.
-        f.escape = escape.unwrap_or(f.quote);
-        let table = c.relation.as_ref().map(|r| {
-            let schema = (!r.schemaname.is_empty()).then(|| r.schemaname.clone());
-            (schema, r.relname.clone())
-        });
-        let columns = c
-            .attlist
-            .iter()
-            .filter_map(|n| match &n.node {
-                Some(Node::String(s)) => Some(s.sval.clone()),
-                _ => None,
-            })
-            .collect();
-        out.push_back(CopyOut {
-            format: f,
-            header,
-            table,
-            columns,
-            foreign_encoding,
-        });
-    }
-    out
-}
-
 /// A COPY row (one CopyData) with each field masked by its column's plan (`fallback` past the
 /// known columns); `None` when nothing changed.
 fn copy_row(
@@ -852,8 +678,10 @@ const MAX_PENDING: usize = 1 << 16;
 
 impl Requests {
     /// Note a frame the client sends on, by tag and body, as sent: a refusal's stand-in (a
-    /// Parse or Query the server will reject) shapes the answers, not the frame it replaced.
+    /// Parse or Bind the server will reject) shapes the answers, not the frame it replaced. A
+    /// Query is noted with [`Requests::note_query`].
     pub fn note(&self, tag: u8, body: &[u8]) -> Result<(), TooManyPending> {
+        debug_assert_ne!(tag, b'Q', "a Query is noted with note_query");
         let p = match tag {
             b'P' => Pending::Parse(cstr(body)),
             b'B' => match bind_formats(body) {
@@ -874,33 +702,35 @@ impl Requests {
                 copies: VecDeque::new(),
                 redefines: false,
             },
-            b'Q' => {
-                let sql = String::from_utf8_lossy(body.strip_suffix(&[0]).unwrap_or(body));
-                Pending::Sync {
-                    copies: copy_outs(&sql),
-                    redefines: redefines_names(&sql),
-                }
-            }
             _ => return Ok(()),
         };
+        self.push(p)
+    }
+
+    /// Note a simple Query the client sends on, by what its classification says (the string is
+    /// not read again): its `COPY … TO STDOUT` statements, and whether it may redefine names
+    /// (see `Classified::redefines_names`).
+    pub fn note_query(&self, copies: &[CopyOut], redefines: bool) -> Result<(), TooManyPending> {
+        self.push(Pending::Sync {
+            copies: copies.iter().cloned().collect(),
+            redefines,
+        })
+    }
+
+    /// Note the Describe of `portal` the proxy adds after a Bind.
+    pub fn note_injected_describe(&self, portal: &str) -> Result<(), TooManyPending> {
+        self.push(Pending::DescribePortal {
+            portal: portal.to_string(),
+            injected: true,
+        })
+    }
+
+    fn push(&self, p: Pending) -> Result<(), TooManyPending> {
         let mut q = self.queue.lock().unwrap();
         if q.len() >= MAX_PENDING {
             return Err(TooManyPending);
         }
         q.push_back(p);
-        Ok(())
-    }
-
-    /// Note the Describe of `portal` the proxy adds after a Bind.
-    pub fn note_injected_describe(&self, portal: &str) -> Result<(), TooManyPending> {
-        let mut q = self.queue.lock().unwrap();
-        if q.len() >= MAX_PENDING {
-            return Err(TooManyPending);
-        }
-        q.push_back(Pending::DescribePortal {
-            portal: portal.to_string(),
-            injected: true,
-        });
         Ok(())
     }
 
@@ -1365,6 +1195,12 @@ fn frame(tag: u8, body: &[u8]) -> BytesMut {
 mod tests {
     use super::*;
     use crate::mask::{MaskRules, TokenKey};
+    use crate::protocols::postgres::classify::classify;
+
+    /// The `COPY … TO STDOUT` statements of `sql`, as its classification reads them.
+    fn copy_outs(sql: &str) -> Vec<CopyOut> {
+        classify(sql).unwrap().copy_outs
+    }
 
     fn masker(yaml: &str) -> Masker {
         let rules: MaskRules = serde_yaml::from_str(yaml).unwrap();
@@ -1612,11 +1448,8 @@ mod tests {
         ]))
         .unwrap();
         // ...then made, by SQL, a statement that returns emails.
-        req.note(
-            b'Q',
-            b"deallocate s1; prepare s1 as select email from users\0",
-        )
-        .unwrap();
+        let q = classify("deallocate s1; prepare s1 as select email from users").unwrap();
+        req.note_query(&q.copy_outs, q.redefines_names).unwrap();
         rm.rewrite(cat(&[
             frame(b'C', b"DEALLOCATE\0"),
             frame(b'C', b"PREPARE\0"),
@@ -1636,7 +1469,10 @@ mod tests {
             ]))
             .unwrap();
         assert_eq!(rows(&out), [vec![Some(b"****".to_vec())]]);
+        let redefines_names = |sql| classify(sql).unwrap().redefines_names;
         assert!(redefines_names("CLOSE p; DECLARE p CURSOR FOR SELECT 1"));
+        assert!(redefines_names("DISCARD ALL"));
+        assert!(redefines_names("DO $$BEGIN END$$"));
         assert!(!redefines_names("SELECT 'declare' AS x"));
         assert!(!redefines_names("SELECT 1"));
     }
@@ -1822,8 +1658,8 @@ mod tests {
         let m = masker("{}");
         let req = Requests::default();
         let mut rm = ResultMasker::new(&m, relations(), &req);
-        req.note(b'Q', b"COPY users TO STDOUT (FORMAT binary)\0")
-            .unwrap();
+        let q = classify("COPY users TO STDOUT (FORMAT binary)").unwrap();
+        req.note_query(&q.copy_outs, q.redefines_names).unwrap();
         let chunk = cat(&[
             frame(b'H', &[1, 0, 1, 0, 1]),
             frame(b'd', b"PGCOPY\n\xff\r\n\0"),

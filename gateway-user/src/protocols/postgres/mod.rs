@@ -28,7 +28,7 @@ use crate::{
     secrets::Secrets,
 };
 use bytes::BytesMut;
-use classify::Facts;
+use classify::{Classified, ClassifyError, CopyOut, Facts};
 use codec::{CodecError, Frame, FrameCodec, Startup, StartupCodec};
 use error::PgError;
 use futures_util::StreamExt as _;
@@ -625,16 +625,20 @@ impl Judge<'_> {
         }
     }
 
-    /// Classify and judge `sql`; with the facts it was judged on when `keep` (a prepared
+    /// Classify `sql` (through the daemon's cache).
+    fn classify(&self, sql: &str) -> cache::Outcome {
+        self.s.shared.cache.classify(sql)
+    }
+
+    /// Judge a classified statement; with the facts it was judged on when `keep` (a prepared
     /// statement, judged again at Bind if the policy or the agent changes).
-    fn sql(
+    fn statement(
         &self,
-        sql: &str,
+        outcome: &Result<Classified, ClassifyError>,
         prepared: &mut HashMap<String, Facts>,
         keep: bool,
     ) -> (Judgement, Option<Facts>) {
-        let outcome = self.s.shared.cache.classify(sql);
-        let c = match &*outcome {
+        let c = match outcome {
             Ok(c) => c,
             Err(e) => {
                 info!(
@@ -669,6 +673,16 @@ impl Judge<'_> {
             c.apply_to(prepared);
         }
         (judgement, kept)
+    }
+}
+
+/// A Query's `COPY … TO STDOUT` statements and whether it may redefine names, from its
+/// classification. A string that does not parse is refused before it is sent on; were one sent,
+/// it could redefine any name (and its rows are read as text, by the detectors only).
+fn query_effects(outcome: &Result<Classified, ClassifyError>) -> (&[CopyOut], bool) {
+    match outcome {
+        Ok(c) => (&c.copy_outs, c.redefines_names),
+        Err(_) => (&[], true),
     }
 }
 
@@ -715,24 +729,31 @@ async fn client_to_server(
     while let Some(frame) = frames.next().await {
         let frame = frame?;
         *counters.bytes_up += frame.raw.len() as u64;
+        // A Query's classification: judged here, and read again below for the masking.
+        let mut query = None;
         let verdict = match frame.tag {
-            b'Q' => Some(judge.sql(codec::query_sql(&frame)?, &mut prepared, false).0),
+            b'Q' => {
+                let q = query.insert(judge.classify(codec::query_sql(&frame)?));
+                Some(judge.statement(q, &mut prepared, false).0)
+            }
             b'P' => {
                 let (name, sql) = codec::parse_sql(&frame)?;
                 let generation = judge.s.policy.generation();
-                let (judgement, facts) = if requests.is_some() && !mask::copy_outs(sql).is_empty() {
-                    // The extended protocol does not say which COPY its rows belong to, so
-                    // neither format nor columns would be known: only the simple protocol.
-                    (
-                        Judgement::Deny(PgError::denied(
-                            "COPY TO STDOUT through the extended protocol cannot be masked",
-                            "send it as a simple query (psql's \\copy does)".into(),
-                        )),
-                        None,
-                    )
-                } else {
-                    judge.sql(sql, &mut prepared, true)
-                };
+                let outcome = judge.classify(sql);
+                let (judgement, facts) =
+                    if requests.is_some() && !query_effects(&outcome).0.is_empty() {
+                        // The extended protocol does not say which COPY its rows belong to, so
+                        // neither format nor columns would be known: only the simple protocol.
+                        (
+                            Judgement::Deny(PgError::denied(
+                                "COPY TO STDOUT through the extended protocol cannot be masked",
+                                "send it as a simple query (psql's \\copy does)".into(),
+                            )),
+                            None,
+                        )
+                    } else {
+                        judge.statement(&outcome, &mut prepared, true)
+                    };
                 match (&judgement, facts) {
                     (Judgement::Allow, Some(f)) => {
                         statements.insert(name.to_string(), (f, generation));
@@ -782,7 +803,13 @@ async fn client_to_server(
             }
         };
         if let (Some(r), None | Some(Judgement::Allow)) = (requests, &verdict) {
-            r.note(frame.tag, frame.body())?;
+            match &query {
+                Some(q) => {
+                    let (copies, redefines) = query_effects(q);
+                    r.note_query(copies, redefines)?;
+                }
+                None => r.note(frame.tag, frame.body())?,
+            }
         }
         let passed = !matches!(verdict, Some(Judgement::Deny(_)));
         match verdict {
@@ -805,7 +832,11 @@ async fn client_to_server(
                     _ => codec::query(&mut out, &marker),
                 }
                 if let Some(r) = requests {
-                    r.note(out[from], &out[from + 5..])?;
+                    match out[from] {
+                        // The server rejects a stand-in Query before it runs anything.
+                        b'Q' => r.note_query(&[], false)?,
+                        tag => r.note(tag, &out[from + 5..])?,
+                    }
                 }
                 denials.push(marker, e);
             }
@@ -822,7 +853,7 @@ async fn client_to_server(
                     let mut name = &frame.body()[1..];
                     described.insert(codec::cstr(&mut name, "Describe")?.to_string());
                 }
-                b'Q' if mask::redefines_names(codec::query_sql(&frame)?) => described.clear(),
+                b'Q' if query.as_ref().is_some_and(|q| query_effects(q).1) => described.clear(),
                 b'B' => {
                     let (portal, statement) = codec::bind_names(&frame)?;
                     if !described.contains(statement) {
@@ -949,6 +980,15 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         check_startup(&s, &params)
+    }
+
+    #[test]
+    fn a_query_that_does_not_parse_may_redefine_anything_and_copies_nothing() {
+        let q = classify::classify("SELEC 1; PREPARE s AS SELECT 1");
+        assert_eq!(query_effects(&q), (&[][..], true));
+        let q = classify::classify("COPY t TO STDOUT; SELECT 1");
+        let (copies, redefines) = query_effects(&q);
+        assert_eq!((copies.len(), redefines), (1, false));
     }
 
     #[test]
