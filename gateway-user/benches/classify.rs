@@ -9,6 +9,8 @@
 //!   parse to a tree, alone
 //! - `classify_uncached`: a full classification, what a cache miss costs
 
+mod common;
+
 use chaperone::protocols::postgres::{cache::StatementCache, classify::classify};
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -70,10 +72,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(30)
-        .warm_up_time(std::time::Duration::from_secs(1))
-        .measurement_time(std::time::Duration::from_secs(3));
+    config = common::criterion();
     targets = bench
 }
 criterion_main!(benches);

@@ -5,6 +5,8 @@
 //! phone number, a small JSON profile and a text array. Each column is resolved once with
 //! `Masker::column`, as the PostgreSQL proxy does per RowDescription.
 
+mod common;
+
 use chaperone::mask::{Column, MaskRules, Masker, TokenKey, ValueType};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -173,10 +175,7 @@ fn bench(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .sample_size(30)
-        .warm_up_time(std::time::Duration::from_secs(1))
-        .measurement_time(std::time::Duration::from_secs(3));
+    config = common::criterion();
     targets = bench
 }
 criterion_main!(benches);
