@@ -22,12 +22,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// The daemon binary: `$CHAPERONE_BIN`, else the workspace's debug build (`cargo xtask test`
-/// builds it first).
+/// The daemon binary: `$CHAPERONE_BIN`, else the debug build beside this test binary
+/// (`<target>/debug/deps/<test>` → `<target>/debug/chaperone`, wherever the target directory
+/// is; `cargo xtask test` builds it first).
 pub fn chaperone_bin() -> PathBuf {
     let bin = std::env::var_os("CHAPERONE_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/chaperone"));
+        .unwrap_or_else(|| {
+            let exe = std::env::current_exe().expect("the test binary's path");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("test binaries live in <target>/<profile>/deps")
+                .join("chaperone")
+        });
     assert!(
         bin.exists(),
         "{} not found: build it first (`cargo build -p gateway-user`, or run `cargo xtask test`)",

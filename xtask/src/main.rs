@@ -69,7 +69,7 @@ fn main() -> Result<()> {
             setup()?;
             // Release builds of both the daemon and the benchmark client.
             run(cargo().args(["build", "--release", "-p", "gateway-user", "-p", "xtask"]))?;
-            let release = root().join("target/release");
+            let release = target_dir().join("release");
             match what {
                 BenchKind::Relay => {
                     bench::relay(&release.join("chaperone"), &release.join("xtask"))
@@ -110,7 +110,13 @@ fn setup() -> Result<()> {
 
 fn build() -> Result<PathBuf> {
     run(cargo().args(["build", "-p", "gateway-user"]))?;
-    Ok(root().join("target/debug/chaperone"))
+    Ok(target_dir().join("debug/chaperone"))
+}
+
+/// Where cargo puts what it builds: `$CARGO_TARGET_DIR` (relative to the workspace, as cargo
+/// reads it) or the workspace's `target`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), |d| root().join(d))
 }
 
 fn require_root() -> Result<()> {
