@@ -8,7 +8,7 @@
 //!    the parse that normalizing takes, and is all a statement that varies only in its literals
 //!    pays.
 //! 3. The normalized statement (pg_query's normalization, the full parser: constants replaced by
-//!    `$n`).
+//!    `$n`), when it lexes as the statement does but for those `$n` (see `Lexed::reads_as`).
 //!
 //! A statement whose classification read a literal's value (a `DO` body, an EXPLAIN option, a
 //! COPY file name, a transaction option) is never shared by tokens or shape. Nor is one by
@@ -75,23 +75,27 @@ impl StatementCache {
             return (hit, Served::Tokens);
         }
         let shape = pg_query::normalize(sql).ok();
-        let by_shape = shape
+        // A shape that lexes otherwise than the text is no key for it (see `Lexed::reads_as`).
+        let shared_shape = shape
             .as_ref()
-            .and_then(|s| self.shapes.lock().unwrap().get(s).cloned());
+            .filter(|s| lexed.as_ref().is_some_and(|l| l.reads_as(sql, s)));
+        let by_shape = shared_shape.and_then(|s| self.shapes.lock().unwrap().get(s).cloned());
         let (outcome, served) = match by_shape {
             Some(hit) => (hit, Served::Shape),
             None => (Arc::new(classify(sql)), Served::Classified),
         };
         if shareable(&outcome)
-            && let Some(shape) = shape
+            && let Some(shape) = &shape
         {
+            if served == Served::Classified
+                && let Some(shared) = shared_shape
+            {
+                insert_bounded(&self.shapes, shared.clone(), outcome.clone());
+            }
             if let Some(lexed) = lexed
-                && lexed.normalizes_to(sql, &shape)
+                && lexed.normalizes_to(sql, shape)
             {
                 insert_bounded(&self.tokens, lexed.key, outcome.clone());
-            }
-            if served == Served::Classified {
-                insert_bounded(&self.shapes, shape, outcome.clone());
             }
         }
         insert_bounded(&self.exact, sql.into(), outcome.clone());
@@ -123,6 +127,8 @@ struct Lexed {
     constants: Vec<Range<usize>>,
     /// The highest `$n` parameter in the text (0: none).
     highest_param: u64,
+    /// Every token's place and kind.
+    tokens: Vec<(Range<usize>, i32)>,
 }
 
 impl Lexed {
@@ -133,9 +139,11 @@ impl Lexed {
         let mut key = Vec::with_capacity(text.len() + 4 * tokens.len());
         let mut constants = Vec::new();
         let mut highest_param = 0;
+        let mut spans = Vec::with_capacity(tokens.len());
         let mut at = 0;
         for t in &tokens {
             let span = span(t, at, text.len())?;
+            spans.push((span.clone(), t.token));
             let kind = u16::try_from(t.token).ok()?;
             key.extend_from_slice(&text[at..span.start]);
             key.push(0);
@@ -157,6 +165,7 @@ impl Lexed {
             key,
             constants,
             highest_param,
+            tokens: spans,
         })
     }
 
@@ -169,8 +178,9 @@ impl Lexed {
     /// values of its constants, and PostgreSQL's grammar (LALR, driven by token kinds) derives
     /// the same tree from them, each constant in the same place. Here every constant was one
     /// normalization replaces, so there it is too: the two texts differ only where their
-    /// normalizations put `$n`, and normalizing the later one would give the same shape key,
-    /// under which the classification is shared anyway. A constant normalization keeps (a
+    /// normalizations put `$n`, and normalizing the later one would give the same shape, under
+    /// which the classification is shared anyway (when the shape lexes as the texts do; the
+    /// texts here lex alike by construction). A constant normalization keeps (a
     /// cursor's `FETCH 5`, a type modifier, the escape character after `UESCAPE`, which decides
     /// what the identifier before it names) fails the comparison, so no text with one is keyed
     /// by tokens. Where normalization numbers by tree walk rather than text order (`LIMIT …
@@ -188,6 +198,53 @@ impl Lexed {
         }
         want.extend_from_slice(&text[at..]);
         want == normalized.as_bytes()
+    }
+
+    /// Whether `normalized`, pg_query's normalization of `sql`, lexes as `sql` does but for a
+    /// `$n` parameter in place of some tokens, each a constant or a sign and a number.
+    ///
+    /// Only then may the classification be shared by shape. Normalizing writes `$n` over a
+    /// constant and keeps the text around it, which need not read the same: after an
+    /// identifier, `$1` continues it. `SELECT t.f'x' FROM t` (a literal of type `t.f`)
+    /// normalizes to `SELECT t.f$1 FROM t`, which is itself a text, with no constant, where
+    /// `t.f$1` is the call `f$1(t)` when `t` has no column `f$1`. Two texts whose shared shape passes here both lex to the
+    /// shape's tokens with its parameters filled in: they differ only where normalizing found a
+    /// constant (or a parameter) in each.
+    fn reads_as(&self, sql: &str, normalized: &str) -> bool {
+        let Ok(theirs) = pg_query::scan_tokens(normalized) else {
+            return false;
+        };
+        let (text, norm) = (sql.as_bytes(), normalized.as_bytes());
+        let mut mine = self.tokens.iter();
+        let (mut at, mut norm_at) = (0, 0);
+        for t in &theirs {
+            let (Some(n), Some((m, kind))) = (span(t, norm_at, norm.len()), mine.next()) else {
+                return false;
+            };
+            if text[at..m.start] != norm[norm_at..n.start] {
+                return false;
+            }
+            at = if *kind == t.token && text[m.clone()] == norm[n.clone()] {
+                m.end
+            } else if t.token == Token::Param as i32 {
+                // A negative number is replaced with its sign.
+                match (&text[m.clone()], mine.clone().next()) {
+                    (b"-", Some((number, kind)))
+                        if [Token::Iconst, Token::Fconst]
+                            .iter()
+                            .any(|&k| *kind == k as i32) =>
+                    {
+                        mine.next();
+                        number.end
+                    }
+                    _ => m.end,
+                }
+            } else {
+                return false;
+            };
+            norm_at = n.end;
+        }
+        mine.next().is_none() && text[at..] == norm[norm_at..]
     }
 }
 
@@ -381,5 +438,166 @@ mod tests {
             assert_eq!(by, Served::Classified, "{sql}");
             assert!(o.is_err(), "{sql}");
         }
+    }
+
+    /// Found in review: a normalized text is a text too, and may read otherwise. `t.f'x'` is a
+    /// literal of type `t.f`; its shape `t.f$1` is the call `f$1(t)` (attribute notation),
+    /// whose name the session checks against the target's functions. Sharing by shape served
+    /// either text the other's classification.
+    #[test]
+    fn a_shape_that_lexes_otherwise_is_no_key() {
+        let attribute_names = |sql| classify(sql).unwrap().facts.attribute_names;
+        for (literal, call) in [
+            ("SELECT t.f'x' FROM t", "SELECT t.f$1 FROM t"),
+            ("SELECT s.t.f'x' FROM s.t", "SELECT s.t.f$1 FROM s.t"),
+        ] {
+            assert_eq!(pg_query::normalize(literal).unwrap(), call);
+            assert_eq!(pg_query::normalize(call).unwrap(), call);
+            for (primer, probe) in [(literal, call), (call, literal)] {
+                let c = StatementCache::default();
+                c.classify(primer);
+                let (o, by) = c.lookup(probe);
+                assert_eq!(by, Served::Classified, "{probe} after {primer}");
+                assert_eq!(*o, classify(probe));
+            }
+            assert!(attribute_names(literal).is_empty());
+            assert_eq!(attribute_names(call), ["f$1".to_string()].into());
+            // The literal still shares by tokens, which compares what the lexer read.
+            let c = StatementCache::default();
+            c.classify(literal);
+            assert_eq!(served(&c, &literal.replace("x", "y")), Served::Tokens);
+        }
+        // Numbers, a sign and a number, parameters of the text: the shape reads back.
+        let c = StatementCache::default();
+        assert_eq!(
+            served(&c, "SELECT -1, $1, 'a' FROM t LIMIT 5"),
+            Served::Classified
+        );
+        assert_eq!(
+            served(&c, "SELECT 2.5, $1, NULL FROM t LIMIT ALL"),
+            Served::Shape
+        );
+    }
+
+    /// Review of the keys against texts an agent may choose: for each text of the table (and
+    /// each with a constant glued to the token before it), texts with other constants (of the
+    /// same kind or not), its shape itself, and its shape with other constants or parameters
+    /// for the `$n`. Whatever key serves one of them after the text, it gets its own
+    /// classification.
+    #[test]
+    fn every_text_a_key_serves_gets_its_own_classification() {
+        const TEXTS: &[&str] = &[
+            "SELECT * FROM t WHERE id = 1",
+            "SELECT t.f'x' FROM t",
+            "SELECT N'x' FROM t",
+            "SELECT 1 FROM t LIMIT-1",
+            "SELECT 'pg_authid'::regclass, 'f'::regproc, 'public'::regnamespace",
+            "SELECT to_regclass('pg_authid'), current_setting('search_path')",
+            "SELECT set_config('application_name', 'x', false)",
+            "SELECT nextval('s'), pg_read_file('/etc/passwd'), lo_import('/tmp/x')",
+            "SELECT has_table_privilege('pg_authid', 'select')",
+            "SELECT interval '1' day, timestamp '2020-01-01', int4 '1', t.int4 '1'",
+            "SELECT numeric(10, 2) '1.5', 1::float(24), 'a' COLLATE \"C\"",
+            "SELECT U&'\\0041', U&'\\0041' UESCAPE '!', E'\\x41', B'01', X'1F'",
+            "SELECT U&\"\\0041\" FROM t",
+            "SELECT 1 LIMIT 5 OFFSET 10",
+            "SELECT -1, - 2, -'3', 1+-1",
+            "SELECT $1, 'a', 2",
+            "SELECT $a$x$a$ || $$y$$, 'a'\n'b'",
+            "SELECT /* a /* nested */ comment */ 1 -- line",
+            "SELECT 1; DELETE FROM t WHERE id = 2",
+            "COPY t TO STDOUT",
+            "COPY t TO '/tmp/x'",
+            "EXPLAIN (ANALYZE 'off') DELETE FROM t",
+            "EXPLAIN DELETE FROM t WHERE id = 1",
+            "SET application_name = 'x'",
+            "SET search_path = 'public'",
+            "SET ROLE 'x'",
+            "SET TRANSACTION READ ONLY",
+            "BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+            "PREPARE TRANSACTION 'x'",
+            "DO $$BEGIN PERFORM 1; END$$",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+            "CALL p(1, 'x')",
+            "PREPARE p(int) AS SELECT $1 + 1",
+            "EXECUTE p(1)",
+            "DECLARE c CURSOR FOR SELECT 1",
+            "FETCH 5 FROM c",
+            "NOTIFY ch, 'x'",
+            "ALTER ROLE r PASSWORD 'x'",
+            "ALTER FUNCTION f() SET application_name = 'x'",
+            "SELECT a + 1 FROM t GROUP BY a + 1 ORDER BY 1",
+            "SELECT EXTRACT(year FROM now()), 'x' IS NFC NORMALIZED",
+            "SELECT * FROM t TABLESAMPLE system(1) REPEATABLE(2)",
+            "INSERT INTO t VALUES (1, 'x') ON CONFLICT DO NOTHING",
+            "UPDATE t SET a = 'x' WHERE id = 1 RETURNING 1",
+            "WITH d AS (DELETE FROM t WHERE id = 1 RETURNING *) SELECT * FROM d",
+            "SELECT 1 INTO t2 FROM t FOR UPDATE",
+            "SELECT 1 FROM t WHERE a LIKE 'x' ESCAPE '!' AND now() AT TIME ZONE 'UTC' > '1'",
+            "SELECT ('x').f, $1.f FROM t",
+            "SELECT JSON_OBJECT('a' VALUE 1), xmlparse(document '<a/>')",
+        ];
+        let values = [
+            "1",
+            "2147483648",
+            "1.5",
+            "'x'",
+            "''",
+            "'on'",
+            "'pg_authid'",
+            "E'\\''",
+            "$a$x$a$",
+            "U&'\\0041'",
+            "B'01'",
+            "X'1F'",
+            "NULL",
+            "TRUE",
+            "-1",
+            "$9",
+        ];
+        // `text` with each token `keep` picks replaced by each value.
+        let swaps = |text: &str, keep: &dyn Fn(&ScanToken) -> bool| -> Vec<String> {
+            let tokens = pg_query::scan_tokens(text).unwrap_or_default();
+            let spans = tokens.iter().filter(|t| keep(t));
+            spans
+                .flat_map(|t| {
+                    let (s, e) = (t.start as usize, t.end as usize);
+                    values.map(|v| format!("{}{v}{}", &text[..s], &text[e..]))
+                })
+                .collect()
+        };
+        let mut texts: Vec<String> = Vec::new();
+        for &text in TEXTS {
+            texts.push(text.into());
+            let tokens = pg_query::scan_tokens(text).unwrap();
+            for w in tokens.windows(2).filter(|w| is_constant(&w[1])) {
+                let glued = format!(
+                    "{}{}",
+                    &text[..w[0].end as usize],
+                    &text[w[1].start as usize..]
+                );
+                if classify(&glued).is_ok() {
+                    texts.push(glued);
+                }
+            }
+        }
+        let (mut by_tokens, mut by_shape) = (0, 0);
+        for a in &texts {
+            let mut probes = swaps(a, &is_constant);
+            if let Ok(shape) = pg_query::normalize(a) {
+                probes.extend(swaps(&shape, &|t| t.token == Token::Param as i32));
+                probes.push(shape);
+            }
+            for b in probes {
+                let c = StatementCache::default();
+                c.classify(a);
+                let (o, level) = c.lookup(&b);
+                by_tokens += usize::from(level == Served::Tokens);
+                by_shape += usize::from(level == Served::Shape);
+                assert_eq!(*o, classify(&b), "{b:?} served by {level:?} after {a:?}");
+            }
+        }
+        // Not vacuous: both keys served many of them.
+        assert!(by_tokens > 100 && by_shape > 100, "{by_tokens} {by_shape}");
     }
 }
