@@ -3,7 +3,7 @@
 //! grants by group decide what each agent may do on a real PostgreSQL.
 
 use chaperone_tests::{
-    OidcProvider, Postgres, TestDaemon, assert_ok, chaperone_bin, skip_unless_root,
+    DaemonOptions, OidcProvider, Postgres, TestDaemon, assert_ok, chaperone_bin, skip_unless_root,
 };
 use serde_json::Value;
 use std::{path::Path, process::Output};
@@ -669,4 +669,86 @@ fn base64url_encode(b: &[u8]) -> String {
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Any local user may open the control socket, so open requests are capped (64; each may wait
+/// 30 s for its line). Holding every slot only delays binds: a connection past the cap is
+/// closed at once, `chaperone run` says why, and binds work again as soon as slots free. What a
+/// caller sends is bounded too (64 KiB a request), and so is what an answer echoes of it.
+#[test]
+fn the_control_socket_caps_open_requests_and_bounds_what_it_echoes() {
+    use std::{
+        io::{BufRead, BufReader, Read, Write},
+        os::unix::net::UnixStream,
+        time::{Duration, Instant},
+    };
+    if skip_unless_root("the_control_socket_caps_open_requests_and_bounds_what_it_echoes") {
+        return;
+    }
+    let d = TestDaemon::start(DaemonOptions::default());
+    let socket = d.control_socket();
+    let held: Vec<UnixStream> = (0..64)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    // Accepted in order, after the 64 that hold every slot: closed without an answer.
+    let mut extra = UnixStream::connect(&socket).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        extra.read(&mut [0u8; 16]).unwrap(),
+        0,
+        "the 65th request was served"
+    );
+    let busy = d.run_agent("agent", &["true"]);
+    assert!(!busy.status.success());
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        stderr.contains("without answering") && stderr.contains("try again"),
+        "{stderr}"
+    );
+
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let run = d.run_agent("agent", &["true"]);
+        if run.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "binds did not come back: {run:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let ask = |request: &[u8]| -> Value {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        // The daemon stops reading at its cap: what is past it may never be taken.
+        let _ = s.write_all(request);
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    };
+    // 100 KiB with no end of line: read up to the cap, answered as a bad request.
+    let v = ask(&vec![b'a'; 100 * 1024]);
+    assert_eq!(v["result"], "error", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("not a request"),
+        "{v}"
+    );
+    // A refusal that names what the caller sent keeps to 300 bytes (and says it was cut).
+    let long = "x".repeat(5000);
+    let v = ask(format!(
+        "{}\n",
+        serde_json::json!({"op": "refresh", "cgroup": long, "token": "t"})
+    )
+    .as_bytes());
+    let message = v["message"].as_str().unwrap();
+    assert!(message.starts_with("no agent cgroup `xxx"), "{v}");
+    assert!(
+        message.len() <= 300 + '…'.len_utf8() && message.ends_with('…'),
+        "{v}"
+    );
 }

@@ -60,6 +60,10 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "the daemon closed the control connection {path} without answering: it is serving as many control requests as it takes at once ({MAX_CONCURRENT}), or stopping; try again"
+    )]
+    NoAnswer { path: PathBuf },
     #[error("the daemon sent an answer this version does not understand: {0}")]
     BadAnswer(String),
     #[error("binding the control socket {path}: {source}")]
@@ -136,11 +140,26 @@ pub fn call(pin_dir: &Path, request: &Request) -> Result<Response, ControlError>
             source,
         })?;
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io)?;
+    // A daemon at its cap of open requests accepts and closes at once: no answer at all.
+    let closed = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+        )
+    };
+    let no_answer = || ControlError::NoAnswer { path: path.clone() };
     let mut line = serde_json::to_vec(request).expect("a request serializes");
     line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
+    match stream.write_all(&line) {
+        Err(e) if closed(&e) => return Err(no_answer()),
+        r => r.map_err(io)?,
+    }
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    match BufReader::new(stream).read_line(&mut answer) {
+        Ok(0) => return Err(no_answer()),
+        Err(e) if closed(&e) => return Err(no_answer()),
+        r => r.map_err(io)?,
+    };
     serde_json::from_str(&answer).map_err(|e| ControlError::BadAnswer(format!("{e}: {answer:?}")))
 }
 
