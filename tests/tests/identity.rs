@@ -752,3 +752,58 @@ fn the_control_socket_caps_open_requests_and_bounds_what_it_echoes() {
         "{v}"
     );
 }
+
+/// A token naming a key the daemon does not know makes it fetch the issuer's keys again (the
+/// issuer may have rotated them), but at most once per `jwks_refetch_secs` (1 s here): a burst
+/// of such tokens cannot turn the daemon into a flood on the issuer. Each is refused either way.
+#[test]
+fn unknown_keys_refetch_the_issuers_keys_at_most_once_per_interval() {
+    use std::{
+        io::{BufRead, BufReader, Write},
+        os::unix::net::UnixStream,
+        time::Duration,
+    };
+    if skip_unless_root("unknown_keys_refetch_the_issuers_keys_at_most_once_per_interval") {
+        return;
+    }
+    let e = env(600);
+    let file = e.op.token_file("bound", &e.op.token("alice", "chaperone"));
+    let mut agent =
+        e.d.cmd()
+            .arg("run")
+            .arg("--token-file")
+            .arg(&file)
+            .args(["--user", "nobody", "--", "sleep", "20"])
+            .spawn()
+            .unwrap();
+    let bound = e.d.wait_for_audits("agent_bound", 1);
+    let cgroup = bound[0]["agent"]["cgroup"].as_str().unwrap().to_string();
+    let socket = e.d.control_socket();
+    let forged = e.op.forged("alice");
+    let refresh = || -> Value {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        let request = serde_json::json!({"op": "refresh", "cgroup": cgroup, "token": forged});
+        s.write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    let refetches = || {
+        e.d.log()
+            .matches("fetching the issuer's keys again")
+            .count()
+    };
+    // The keys fetched for the bind are older than the interval now.
+    std::thread::sleep(Duration::from_millis(1200));
+    for _ in 0..10 {
+        let v = refresh();
+        assert_eq!(v["result"], "error", "{v}");
+    }
+    assert_eq!(refetches(), 1, "{}", e.d.log());
+    // Once the interval has passed, the next unknown key may look again.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(refresh()["result"], "error");
+    assert_eq!(refetches(), 2, "{}", e.d.log());
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
