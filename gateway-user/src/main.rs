@@ -11,7 +11,7 @@ fn main() {
     let code = match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            let msg = format!("{e:#}");
+            let msg = describe(&e);
             if json {
                 eprintln!("{}", serde_json::json!({ "error": msg }));
             } else {
@@ -21,6 +21,23 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// The error and its causes, each said once. Many of our errors name their cause in their own
+/// message (log lines print only the outer error), so the plain `{:#}` chain would repeat it.
+fn describe(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 fn init_tracing(json: bool) {

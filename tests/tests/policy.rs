@@ -476,3 +476,32 @@ fn mask_as_an_identity_applies_its_grants_masking() {
     assert_eq!(mask(&[]), other, "no identity: the configuration's rules");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A command's error is one line that says each cause once, plain or as `{"error": …}` with
+/// `--json`: many errors name their cause in their own message, and the cause chain after it
+/// must not repeat it.
+#[test]
+fn command_errors_say_each_cause_once() {
+    for json in [false, true] {
+        let mut cmd = std::process::Command::new(chaperone_tests::chaperone_bin());
+        cmd.args(["--config", "/nonexistent/chaperone.yaml"]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.arg("status").output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let message = if json {
+            let v: Value = serde_json::from_str(err.trim()).unwrap();
+            v["error"].as_str().unwrap().to_string()
+        } else {
+            err.trim().strip_prefix("chaperone: ").unwrap().to_string()
+        };
+        assert!(message.contains("/nonexistent/chaperone.yaml"), "{message}");
+        assert_eq!(
+            message.matches("No such file or directory").count(),
+            1,
+            "{message}"
+        );
+    }
+}
