@@ -43,7 +43,44 @@ fn env_with(grants: &str, ttl_secs: u64) -> Env {
     Env { pg, op, d }
 }
 
+/// One control-socket exchange: `request` as sent (a JSON line, or anything), the answer line
+/// parsed.
+fn control(socket: &Path, request: &[u8]) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    // The daemon stops reading at its cap: what is past it may never be taken.
+    let _ = s.write_all(request);
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
+/// A `refresh` of `cgroup`'s token over the control socket.
+fn refresh(socket: &Path, cgroup: &str, token: &str) -> Value {
+    let request = serde_json::json!({"op": "refresh", "cgroup": cgroup, "token": token});
+    control(socket, format!("{request}\n").as_bytes())
+}
+
 impl Env {
+    /// An agent that sleeps for 20 s, bound with `token`, and its cgroup.
+    fn bound_sleeper(&self, token: &str) -> (std::process::Child, String) {
+        let file = self.op.token_file("bound", token);
+        let agent = self
+            .d
+            .cmd()
+            .arg("run")
+            .arg("--token-file")
+            .arg(&file)
+            .args(["--user", "nobody", "--", "sleep", "20"])
+            .spawn()
+            .unwrap();
+        let bound = self.d.wait_for_audits("agent_bound", 1);
+        let cgroup = bound[0]["agent"]["cgroup"].as_str().unwrap().to_string();
+        (agent, cgroup)
+    }
+
     fn conninfo(&self) -> String {
         format!(
             "host=127.0.0.1 port={} dbname=app user=whoever connect_timeout=10 sslmode=disable",
@@ -598,36 +635,9 @@ fn a_refresh_takes_only_a_newer_token_for_the_same_subject() {
     let e = env(600);
     let older = e.op.token("alice", "chaperone");
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let bound = e.op.token("alice", "chaperone");
-    let file = e.op.token_file("bound", &bound);
-    let mut agent =
-        e.d.cmd()
-            .arg("run")
-            .arg("--token-file")
-            .arg(&file)
-            .args(["--user", "nobody", "--", "sleep", "20"])
-            .spawn()
-            .unwrap();
-    let bound_event = e.d.wait_for_audits("agent_bound", 1);
-    let cgroup = bound_event[0]["agent"]["cgroup"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (mut agent, cgroup) = e.bound_sleeper(&e.op.token("alice", "chaperone"));
     let socket = e.d.control_socket();
-    let refresh = |token: &str| -> serde_json::Value {
-        let request = serde_json::json!({"op": "refresh", "cgroup": cgroup, "token": token});
-        let out = std::process::Command::new("/usr/bin/python3")
-            .args([
-                "-c",
-                "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n\
-                 s.sendall(sys.argv[2].encode()+b'\\n')\nprint(s.makefile().readline())",
-                socket.to_str().unwrap(),
-                &request.to_string(),
-            ])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"))
-    };
+    let refresh = |token: &str| refresh(&socket, &cgroup, token);
     let v = refresh(&older);
     assert_eq!(v["result"], "error", "{v}");
     assert!(
@@ -678,7 +688,7 @@ fn base64url_encode(b: &[u8]) -> String {
 #[test]
 fn the_control_socket_caps_open_requests_and_bounds_what_it_echoes() {
     use std::{
-        io::{BufRead, BufReader, Read, Write},
+        io::Read,
         os::unix::net::UnixStream,
         time::{Duration, Instant},
     };
@@ -722,15 +732,7 @@ fn the_control_socket_caps_open_requests_and_bounds_what_it_echoes() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let ask = |request: &[u8]| -> Value {
-        let mut s = UnixStream::connect(&socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        // The daemon stops reading at its cap: what is past it may never be taken.
-        let _ = s.write_all(request);
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    };
+    let ask = |request: &[u8]| control(&socket, request);
     // 100 KiB with no end of line: read up to the cap, answered as a bad request.
     let v = ask(&vec![b'a'; 100 * 1024]);
     assert_eq!(v["result"], "error", "{v}");
@@ -758,36 +760,15 @@ fn the_control_socket_caps_open_requests_and_bounds_what_it_echoes() {
 /// of such tokens cannot turn the daemon into a flood on the issuer. Each is refused either way.
 #[test]
 fn unknown_keys_refetch_the_issuers_keys_at_most_once_per_interval() {
-    use std::{
-        io::{BufRead, BufReader, Write},
-        os::unix::net::UnixStream,
-        time::Duration,
-    };
+    use std::time::Duration;
     if skip_unless_root("unknown_keys_refetch_the_issuers_keys_at_most_once_per_interval") {
         return;
     }
     let e = env(600);
-    let file = e.op.token_file("bound", &e.op.token("alice", "chaperone"));
-    let mut agent =
-        e.d.cmd()
-            .arg("run")
-            .arg("--token-file")
-            .arg(&file)
-            .args(["--user", "nobody", "--", "sleep", "20"])
-            .spawn()
-            .unwrap();
-    let bound = e.d.wait_for_audits("agent_bound", 1);
-    let cgroup = bound[0]["agent"]["cgroup"].as_str().unwrap().to_string();
+    let (mut agent, cgroup) = e.bound_sleeper(&e.op.token("alice", "chaperone"));
     let socket = e.d.control_socket();
     let forged = e.op.forged("alice");
-    let refresh = || -> Value {
-        let mut s = UnixStream::connect(&socket).unwrap();
-        let request = serde_json::json!({"op": "refresh", "cgroup": cgroup, "token": forged});
-        s.write_all(format!("{request}\n").as_bytes()).unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap()
-    };
+    let refresh = || refresh(&socket, &cgroup, &forged);
     let refetches = || {
         e.d.log()
             .matches("fetching the issuer's keys again")
