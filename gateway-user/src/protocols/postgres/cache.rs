@@ -123,8 +123,6 @@ struct Lexed {
     /// given one), so the key reads back unambiguously: texts with one key lex to the same
     /// tokens and differ only in the values of their constants.
     key: Vec<u8>,
-    /// Where the constants are, in order.
-    constants: Vec<Range<usize>>,
     /// The highest `$n` parameter in the text (0: none).
     highest_param: u64,
     /// Every token's place and kind.
@@ -137,7 +135,6 @@ impl Lexed {
         let tokens = pg_query::scan_tokens(sql).ok()?;
         let text = sql.as_bytes();
         let mut key = Vec::with_capacity(text.len() + 4 * tokens.len());
-        let mut constants = Vec::new();
         let mut highest_param = 0;
         let mut spans = Vec::with_capacity(tokens.len());
         let mut at = 0;
@@ -148,9 +145,7 @@ impl Lexed {
             key.extend_from_slice(&text[at..span.start]);
             key.push(0);
             key.extend_from_slice(&kind.to_le_bytes());
-            if is_constant(t) {
-                constants.push(span.clone());
-            } else {
+            if !is_constant(t.token) {
                 key.extend_from_slice(&text[span.clone()]);
                 key.push(0);
             }
@@ -163,7 +158,6 @@ impl Lexed {
         key.extend_from_slice(&text[at..]);
         Some(Lexed {
             key,
-            constants,
             highest_param,
             tokens: spans,
         })
@@ -190,7 +184,8 @@ impl Lexed {
         let text = sql.as_bytes();
         let mut want = Vec::with_capacity(normalized.len());
         let mut at = 0;
-        for (i, c) in self.constants.iter().enumerate() {
+        let constants = self.tokens.iter().filter(|(_, kind)| is_constant(*kind));
+        for (i, (c, _)) in constants.enumerate() {
             want.extend_from_slice(&text[at..c.start]);
             // Writing to a Vec cannot fail.
             let _ = write!(want, "${}", self.highest_param + i as u64 + 1);
@@ -207,9 +202,9 @@ impl Lexed {
     /// constant and keeps the text around it, which need not read the same: after an
     /// identifier, `$1` continues it. `SELECT t.f'x' FROM t` (a literal of type `t.f`)
     /// normalizes to `SELECT t.f$1 FROM t`, which is itself a text, with no constant, where
-    /// `t.f$1` is the call `f$1(t)` when `t` has no column `f$1`. Two texts whose shared shape passes here both lex to the
-    /// shape's tokens with its parameters filled in: they differ only where normalizing found a
-    /// constant (or a parameter) in each.
+    /// `t.f$1` is the call `f$1(t)` when `t` has no column `f$1`. Two texts whose shared shape
+    /// passes here both lex to the shape's tokens with its parameters filled in: they differ
+    /// only where normalizing found a constant (or a parameter) in each.
     fn reads_as(&self, sql: &str, normalized: &str) -> bool {
         let Ok(theirs) = pg_query::scan_tokens(normalized) else {
             return false;
@@ -255,8 +250,8 @@ fn span(t: &ScanToken, from: usize, len: usize) -> Option<Range<usize>> {
     (from <= start && start <= end && end <= len).then_some(start..end)
 }
 
-/// Literal numbers, strings and bit strings: the tokens whose values a key leaves out.
-fn is_constant(t: &ScanToken) -> bool {
+/// Literal numbers, strings and bit strings: the token kinds whose values a key leaves out.
+fn is_constant(kind: i32) -> bool {
     [
         Token::Iconst,
         Token::Fconst,
@@ -266,7 +261,7 @@ fn is_constant(t: &ScanToken) -> bool {
         Token::Xconst,
     ]
     .iter()
-    .any(|&k| t.token == k as i32)
+    .any(|&k| kind == k as i32)
 }
 
 #[cfg(test)]
@@ -570,7 +565,7 @@ mod tests {
         for &text in TEXTS {
             texts.push(text.into());
             let tokens = pg_query::scan_tokens(text).unwrap();
-            for w in tokens.windows(2).filter(|w| is_constant(&w[1])) {
+            for w in tokens.windows(2).filter(|w| is_constant(w[1].token)) {
                 let glued = format!(
                     "{}{}",
                     &text[..w[0].end as usize],
@@ -583,7 +578,7 @@ mod tests {
         }
         let (mut by_tokens, mut by_shape) = (0, 0);
         for a in &texts {
-            let mut probes = swaps(a, &is_constant);
+            let mut probes = swaps(a, &|t| is_constant(t.token));
             if let Ok(shape) = pg_query::normalize(a) {
                 probes.extend(swaps(&shape, &|t| t.token == Token::Param as i32));
                 probes.push(shape);
