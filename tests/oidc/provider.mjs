@@ -62,9 +62,18 @@ const CLIENTS = [
   },
 ];
 
+// The key leaves the generator as PEM and is read back before the JWK export. Exporting the
+// generator's own KeyObject can deadlock Node 20: a garbage collection during the export runs
+// the finished generation job's destructor, which takes the key's lock the export holds (seen
+// as a `node provider.mjs keys` stuck in futex_wait, stalling a whole test run).
 function keys(kid = randomUUID()) {
-  const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-  return { keys: [{ ...privateKey.export({ format: 'jwk' }), kid, alg: 'RS256', use: 'sig' }] };
+  const { privateKey } = generateKeyPairSync('rsa', {
+    modulusLength: 2048,
+    privateKeyEncoding: { type: 'pkcs8', format: 'pem' },
+    publicKeyEncoding: { type: 'spki', format: 'pem' },
+  });
+  const jwk = createPrivateKey(privateKey).export({ format: 'jwk' });
+  return { keys: [{ ...jwk, kid, alg: 'RS256', use: 'sig' }] };
 }
 
 async function serve(port, jwksFile) {
