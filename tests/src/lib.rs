@@ -43,6 +43,85 @@ pub fn chaperone_bin() -> PathBuf {
     bin
 }
 
+/// How long any one program a test runs may take before it is killed and the test fails: a
+/// hang must fail its test with what the program printed, never stall the whole run.
+pub const PROGRAM_LIMIT: Duration = Duration::from_secs(120);
+
+/// [`Command::output`] under [`PROGRAM_LIMIT`].
+pub trait OutputBounded {
+    /// Run to completion and capture stdout and stderr (stdin is `/dev/null`), as
+    /// [`Command::output`] does, but within [`PROGRAM_LIMIT`]: past it the program is killed and
+    /// the error (kind `TimedOut`) carries what it printed until then.
+    fn output_bounded(&mut self) -> std::io::Result<Output>;
+}
+
+impl OutputBounded for Command {
+    fn output_bounded(&mut self) -> std::io::Result<Output> {
+        output_within(self, PROGRAM_LIMIT)
+    }
+}
+
+fn output_within(cmd: &mut Command, limit: Duration) -> std::io::Result<Output> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Readers keep what they have read where the waiter can still see it if a grandchild holds
+    // a pipe open past the program's own end (a daemonized child, an orphaned agent).
+    let collect = |mut pipe: Box<dyn Read + Send>| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b = buf.clone();
+        let done = thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                b.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        (buf, done)
+    };
+    let (out, out_done) = collect(Box::new(child.stdout.take().expect("piped")));
+    let (err, err_done) = collect(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    // The pipes close when the last holder exits; allow a grandchild a moment, no more.
+    let grace = Instant::now() + Duration::from_secs(5);
+    while !(out_done.is_finished() && err_done.is_finished()) && Instant::now() < grace {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let take = |b: &Arc<std::sync::Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().unwrap());
+    let (stdout, stderr) = (take(&out), take(&err));
+    match status {
+        Some(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "{cmd:?} still running after {} s, killed\nstdout:\n{}\nstderr:\n{}",
+                limit.as_secs(),
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            ),
+        )),
+    }
+}
+
 /// True (and a `skipping:` line printed) when the test cannot run here.
 pub fn skip_unless_root(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -286,7 +365,7 @@ impl TestDaemon {
         self.cmd()
             .args(["run", "--as", name, "--user", "nobody", "--"])
             .args(args)
-            .output()
+            .output_bounded()
             .expect("spawning chaperone run")
     }
 
@@ -332,13 +411,21 @@ impl TestDaemon {
 
     /// `chaperone status --json`.
     pub fn status(&self) -> Value {
-        let out = self.cmd().args(["status", "--json"]).output().unwrap();
+        let out = self
+            .cmd()
+            .args(["status", "--json"])
+            .output_bounded()
+            .unwrap();
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
     /// Every `end` event in the session log.
     pub fn sessions(&self) -> Vec<Value> {
-        let out = self.cmd().args(["sessions", "--json"]).output().unwrap();
+        let out = self
+            .cmd()
+            .args(["sessions", "--json"])
+            .output_bounded()
+            .unwrap();
         assert!(
             out.status.success(),
             "chaperone sessions: {}",
@@ -369,7 +456,7 @@ impl Drop for TestDaemon {
         let _ = self
             .cmd()
             .args(["daemon", "--uninstall", "--force"])
-            .output();
+            .output_bounded();
         if !thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -507,7 +594,7 @@ impl PeerNetns {
         let ip = |args: &str| {
             let out = Command::new("ip")
                 .args(args.split_whitespace())
-                .output()
+                .output_bounded()
                 .expect("ip (iproute2)");
             assert!(
                 out.status.success(),
@@ -544,7 +631,7 @@ impl Drop for PeerNetns {
         // Deleting the namespace destroys the veth pair with it.
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
-            .output();
+            .output_bounded();
     }
 }
 
@@ -610,7 +697,7 @@ impl Postgres {
                 "--locale=C",
             ])
             .arg(format!("--pwfile={}", pwfile.display()))
-            .output()
+            .output_bounded()
             .expect("runuser … initdb");
         assert_ok(&out, "initdb");
         let _ = std::fs::remove_file(&pwfile);
@@ -631,7 +718,7 @@ impl Postgres {
                     dir.display()
                 ))
                 .arg("start")
-                .output()
+                .output_bounded()
                 .expect("runuser … pg_ctl start");
             if out.status.success() {
                 pg = Some(port);
@@ -676,7 +763,7 @@ impl Postgres {
                 "app",
             ])
             .env("PGPASSWORD", &pg.super_password)
-            .output()
+            .output_bounded()
             .expect("pgbench -i");
         assert_ok(&out, "pgbench -i -s 1 app");
         pg.psql_super(
@@ -726,7 +813,7 @@ impl Postgres {
             .arg("-c")
             .arg(sql)
             .env("PGPASSWORD", &self.super_password)
-            .output()
+            .output_bounded()
             .expect("psql (superuser)");
         assert_ok(&out, &format!("psql as superuser: {sql}"));
         String::from_utf8_lossy(&out.stdout).trim_end().to_string()
@@ -798,7 +885,7 @@ impl Postgres {
         let openssl = |args: Vec<std::ffi::OsString>, what: &str| {
             let out = Command::new("openssl")
                 .args(args)
-                .output()
+                .output_bounded()
                 .expect("openssl");
             assert_ok(&out, what);
         };
@@ -898,7 +985,7 @@ impl Drop for Postgres {
             .arg("-D")
             .arg(self.dir.join("data"))
             .args(["-m", "immediate", "stop"])
-            .output();
+            .output_bounded();
         if thread::panicking() {
             eprintln!("postgres log ({}):\n{}", self.dir.display(), self.log());
         }
@@ -917,7 +1004,7 @@ fn chown_to_postgres(path: &Path) {
     let out = Command::new("chown")
         .arg("postgres:postgres")
         .arg(path)
-        .output()
+        .output_bounded()
         .expect("chown");
     assert_ok(&out, "chown postgres");
 }
@@ -978,7 +1065,7 @@ impl OidcProvider {
         let out = Command::new("node")
             .arg(Self::script())
             .args(args)
-            .output()
+            .output_bounded()
             .expect("node");
         assert_ok(&out, &format!("node provider.mjs {args:?}"))
             .trim()
@@ -1035,7 +1122,7 @@ impl OidcProvider {
                 "scope=groups",
             ])
             .arg(format!("{}/token", self.issuer))
-            .output()
+            .output_bounded()
             .unwrap();
         let v: Value = serde_json::from_str(&assert_ok(&out, "client credentials")).unwrap();
         v["access_token"].as_str().unwrap().to_string()
@@ -1114,11 +1201,46 @@ impl LineAgent {
         Self { child, lines }
     }
 
-    /// Send one line, read one JSON line back.
+    /// Send one line, read one JSON line back (within [`PROGRAM_LIMIT`]: an agent that stops
+    /// answering fails the test).
     pub fn ask(&mut self, line: &str) -> Value {
+        use std::io::BufRead;
+        use std::os::fd::AsRawFd;
         writeln!(self.child.stdin.as_mut().expect("stdin piped"), "{line}").unwrap();
-        let mut answer = String::new();
-        std::io::BufRead::read_line(&mut self.lines, &mut answer).unwrap();
+        let deadline = Instant::now() + PROGRAM_LIMIT;
+        let mut answer = Vec::new();
+        loop {
+            let buffered = self.lines.buffer();
+            if let Some(end) = buffered.iter().position(|&b| b == b'\n') {
+                answer.extend_from_slice(&buffered[..=end]);
+                self.lines.consume(end + 1);
+                break;
+            }
+            answer.extend_from_slice(buffered);
+            let n = buffered.len();
+            self.lines.consume(n);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd: self.lines.get_ref().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, valid for the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, left.as_millis() as libc::c_int) };
+            if ready < 0 {
+                continue; // interrupted
+            }
+            assert!(
+                ready != 0,
+                "the agent did not answer {line:?} within {} s; got {:?}",
+                PROGRAM_LIMIT.as_secs(),
+                String::from_utf8_lossy(&answer)
+            );
+            if self.lines.fill_buf().unwrap().is_empty() {
+                break; // end of its output
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
         serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
     }
 }

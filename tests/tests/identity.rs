@@ -3,7 +3,8 @@
 //! grants by group decide what each agent may do on a real PostgreSQL.
 
 use chaperone_tests::{
-    DaemonOptions, OidcProvider, Postgres, TestDaemon, assert_ok, chaperone_bin, skip_unless_root,
+    DaemonOptions, OidcProvider, OutputBounded, Postgres, TestDaemon, assert_ok, chaperone_bin,
+    skip_unless_root,
 };
 use serde_json::Value;
 use std::{path::Path, process::Output};
@@ -99,7 +100,7 @@ impl Env {
             .args(extra)
             .args(["--user", "nobody", "--", "timeout", "-k", "5", "60"])
             .args(args)
-            .output()
+            .output_bounded()
             .unwrap()
     }
 
@@ -115,7 +116,7 @@ impl Env {
             .arg(token_file)
             .arg("--")
             .args(args)
-            .output()
+            .output_bounded()
             .unwrap()
     }
 
@@ -129,7 +130,7 @@ impl Env {
             .d
             .cmd()
             .args(["--json", "sessions", "--all"])
-            .output()
+            .output_bounded()
             .unwrap();
         String::from_utf8_lossy(&out.stdout)
             .lines()
@@ -167,7 +168,9 @@ fn agents_in_different_groups_get_different_verdicts_on_the_same_statement() {
 
     // Bob's `chaperone run` itself runs unprivileged: the token, not root, vouches for him.
     let bob_token = e.op.token_file("bob", &e.op.token("bob", "chaperone"));
-    let bob = e.run_unprivileged(&bob_token, &e.psql_args(&conn, sql));
+    let mut psql = vec!["timeout", "-k", "5", "60"];
+    psql.extend(e.psql_args(&conn, sql));
+    let bob = e.run_unprivileged(&bob_token, &psql);
     assert_eq!(
         bob.status.code(),
         Some(1),
@@ -664,7 +667,7 @@ fn base64url_decode(s: &str) -> Vec<u8> {
             "import base64,sys; s=sys.argv[1]; sys.stdout.buffer.write(base64.urlsafe_b64decode(s + '=' * (-len(s) % 4)))",
             s,
         ])
-        .output()
+        .output_bounded()
         .unwrap();
     out.stdout
 }
@@ -676,7 +679,7 @@ fn base64url_encode(b: &[u8]) -> String {
             "import base64,sys; print(base64.urlsafe_b64encode(sys.argv[1].encode()).decode().rstrip('='))",
             std::str::from_utf8(b).unwrap(),
         ])
-        .output()
+        .output_bounded()
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }

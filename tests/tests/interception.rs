@@ -2,7 +2,7 @@
 //! clients started with `chaperone run`.
 
 use chaperone_tests::{
-    DaemonOptions, EchoServer, LineAgent, TestDaemon, UdpSink, assert_ok, last_json,
+    DaemonOptions, EchoServer, LineAgent, OutputBounded, TestDaemon, UdpSink, assert_ok, last_json,
     skip_unless_root,
 };
 use serde_json::Value;
@@ -349,7 +349,7 @@ fn fail_closed_when_the_daemon_is_down_and_recovers_after_restart() {
     // A second daemon for the same installation would steal the links: it refuses to start.
     let second = std::process::Command::new(chaperone_tests::chaperone_bin())
         .args(["--config", d.config.to_str().unwrap(), "daemon"])
-        .output()
+        .output_bounded()
         .unwrap();
     assert_eq!(second.status.code(), Some(2));
     assert!(
@@ -541,7 +541,7 @@ fn uninstall_removes_interception_and_run_then_refuses() {
             "daemon",
             "--uninstall",
         ])
-        .output()
+        .output_bounded()
         .unwrap();
     let report = last_json(&assert_ok(&out, "uninstall"));
     assert!(
@@ -575,7 +575,7 @@ fn agents_run_unprivileged_and_cannot_leave_their_cgroup() {
         .cmd()
         .args(["run", "--", "true"])
         .env_remove("SUDO_UID")
-        .output()
+        .output_bounded()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(
@@ -642,7 +642,7 @@ print(r.stdout.strip()); print(r.stderr.strip(), file=sys.stderr)
             chaperone_tests::chaperone_bin().to_str().unwrap(),
             d.config.to_str().unwrap(),
         ])
-        .output()
+        .output_bounded()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.trim(), "fd 3 closed", "stderr: {}", stderr(&out));
@@ -666,7 +666,7 @@ fn pins_attached_to_another_tree_are_refused_by_daemon_and_run() {
     let bin = chaperone_tests::chaperone_bin();
     let daemon = std::process::Command::new(&bin)
         .args(["--config", other.to_str().unwrap(), "daemon"])
-        .output()
+        .output_bounded()
         .unwrap();
     assert_eq!(daemon.status.code(), Some(2));
     assert!(
@@ -684,7 +684,7 @@ fn pins_attached_to_another_tree_are_refused_by_daemon_and_run() {
             "--",
             "true",
         ])
-        .output()
+        .output_bounded()
         .unwrap();
     assert_eq!(run.status.code(), Some(2));
     assert!(
@@ -695,7 +695,7 @@ fn pins_attached_to_another_tree_are_refused_by_daemon_and_run() {
     let status: Value = serde_json::from_slice(
         &std::process::Command::new(&bin)
             .args(["--config", other.to_str().unwrap(), "--json", "status"])
-            .output()
+            .output_bounded()
             .unwrap()
             .stdout,
     )
@@ -704,7 +704,7 @@ fn pins_attached_to_another_tree_are_refused_by_daemon_and_run() {
     // Clean up the moved tree the failed attempts created.
     let _ = std::process::Command::new(&bin)
         .args(["--config", other.to_str().unwrap(), "daemon", "--uninstall"])
-        .output();
+        .output_bounded();
 }
 
 #[test]
@@ -721,14 +721,22 @@ fn uninstall_refuses_while_agents_run_unless_forced() {
     );
     std::thread::sleep(Duration::from_millis(300));
     // While the daemon runs, uninstall is refused outright.
-    let out = d.cmd().args(["daemon", "--uninstall"]).output().unwrap();
+    let out = d
+        .cmd()
+        .args(["daemon", "--uninstall"])
+        .output_bounded()
+        .unwrap();
     assert!(
         stderr(&out).contains("another chaperone daemon"),
         "{}",
         stderr(&out)
     );
     d.stop();
-    let out = d.cmd().args(["daemon", "--uninstall"]).output().unwrap();
+    let out = d
+        .cmd()
+        .args(["daemon", "--uninstall"])
+        .output_bounded()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(
         stderr(&out).contains("agents are still running"),
@@ -739,7 +747,7 @@ fn uninstall_refuses_while_agents_run_unless_forced() {
     let out = d
         .cmd()
         .args(["daemon", "--uninstall", "--force"])
-        .output()
+        .output_bounded()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let status = agent.0.wait().unwrap();
@@ -823,7 +831,7 @@ fn remote_targets_are_relayed_and_agents_accept_nothing_from_outside() {
             &peer.host_ip.to_string(),
             &listen_port.to_string(),
         ])
-        .output()
+        .output_bounded()
         .unwrap();
     let from_remote = String::from_utf8_lossy(&from_remote.stdout)
         .trim()

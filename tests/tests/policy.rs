@@ -2,7 +2,7 @@
 //! replacing a good one, grants expiring, all seen by one live psycopg session whose next
 //! statement follows the newest policy.
 
-use chaperone_tests::{LineAgent, Postgres, TestDaemon, skip_unless_root};
+use chaperone_tests::{LineAgent, OutputBounded, Postgres, TestDaemon, skip_unless_root};
 use serde_json::Value;
 use std::{process::Stdio, time::Duration};
 
@@ -160,7 +160,7 @@ fn chrono_like_in(secs: u64) -> String {
             &format!("+{secs} seconds"),
             "+%Y-%m-%dT%H:%M:%SZ",
         ])
-        .output()
+        .output_bounded()
         .unwrap();
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
@@ -249,7 +249,7 @@ fn policy_file_mistakes_get_precise_errors() {
                 "--as",
                 "a",
             ])
-            .output()
+            .output_bounded()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         if out.status.code() != Some(2) || !err.contains(expect) || !err.contains("f.yaml") {
@@ -286,7 +286,7 @@ fn explain_and_check_work_offline_for_names_and_groups() {
             .arg("--config")
             .arg(&dir)
             .args(args)
-            .output()
+            .output_bounded()
             .unwrap()
     };
     let out = chaperone(&[
@@ -420,7 +420,7 @@ fn untrusted_configuration_files_and_target_changes_on_reload_are_refused() {
     d.stop();
 
     std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o664)).unwrap();
-    let out = d.cmd().arg("daemon").output().unwrap();
+    let out = d.cmd().arg("daemon").output_bounded().unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("writable by group or others"), "{err}");
@@ -488,7 +488,7 @@ fn command_errors_say_each_cause_once() {
         if json {
             cmd.arg("--json");
         }
-        let out = cmd.arg("status").output().unwrap();
+        let out = cmd.arg("status").output_bounded().unwrap();
         assert_eq!(out.status.code(), Some(2), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         let message = if json {
