@@ -98,6 +98,37 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Every live process below `root` (from each process's parent in /proc).
+fn descendants(root: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        found.extend(parents.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
@@ -140,11 +171,67 @@ fn is_root() -> bool {
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     let bin = build()?;
-    run(cargo()
-        // gateway-ebpf only builds for the bpf target (gateway-user's build script does that).
-        .args(["test", "--workspace", "--exclude", "gateway-ebpf"])
-        .args(args)
-        .env("CHAPERONE_BIN", &bin))
+    run_within(
+        cargo()
+            // gateway-ebpf only builds for the bpf target (gateway-user's build script does that).
+            .args(["test", "--workspace", "--exclude", "gateway-ebpf"])
+            .args(args)
+            .env("CHAPERONE_BIN", &bin),
+        TEST_LIMIT,
+    )
+}
+
+/// The whole test step normally takes a few minutes; past this something hangs, and CI (90
+/// minutes) should see a failure that says where rather than its own time-out.
+const TEST_LIMIT: Duration = Duration::from_secs(40 * 60);
+
+/// [`run`], but past `limit` print the process tree (what each process waits in) and the tail
+/// of every test daemon's log, then kill the command with everything it started, and fail.
+fn run_within(cmd: &mut Command, limit: Duration) -> Result<()> {
+    let mut child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("{cmd:?} failed with {status}");
+            }
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    eprintln!(
+        "\n{cmd:?} still running after {} s: processes now",
+        limit.as_secs()
+    );
+    let _ = Command::new("ps")
+        .args(["-eo", "pid,ppid,user,stat,etime,wchan:32,args", "--forest"])
+        .status();
+    for entry in std::fs::read_dir(std::env::temp_dir())?.flatten() {
+        let log = entry.path().join("daemon.log");
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("chaperone-e2e-")
+            && let Ok(text) = std::fs::read_to_string(&log)
+        {
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("-- last lines of {}", log.display());
+            for l in &lines[lines.len().saturating_sub(20)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+    // Taken in one pass, then killed: whatever they would start next has no parent to do it.
+    for pid in descendants(child.id()) {
+        // SAFETY: signalling processes this command started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!(
+        "{cmd:?} did not finish within {} s (killed)",
+        limit.as_secs()
+    )
 }
 
 fn step(title: &str) {
