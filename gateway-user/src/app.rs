@@ -67,6 +67,8 @@ pub enum AppError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("starting a session thread: {0}")]
+    Runtime(std::io::Error),
 }
 
 /// Everything a connection task needs, built once.
@@ -188,12 +190,14 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let sessions = SessionThreads::start(session_threads())?;
     for listener in [Some(v4), v6].into_iter().flatten() {
         tracker.spawn(accept_loop(
             listener,
             inputs.clone(),
             stop.clone(),
             tracker.clone(),
+            sessions.clone(),
         ));
     }
     let control = tokio::spawn(crate::control::serve(control, inputs.clone()));
@@ -318,11 +322,64 @@ fn write_status(config: &Config, status: &DaemonStatus) -> Result<(), AppError> 
     std::fs::write(&path, json).map_err(err)
 }
 
+/// How many threads run sessions: `CHAPERONE_SESSION_THREADS`, else one per CPU; 0 runs them
+/// on the daemon's work-stealing runtime instead (for comparison).
+fn session_threads() -> usize {
+    std::env::var("CHAPERONE_SESSION_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Threads that each run a single-threaded runtime; a session lives on one of them from accept
+/// to close. Both of its sockets are registered with that thread's reactor, so a message in
+/// from one side is read, judged and written out to the other without waking another thread:
+/// on a work-stealing runtime each hop can cost a cross-thread wake-up (a futex and a context
+/// switch), which is most of what a small statement costs the proxy.
+#[derive(Clone)]
+struct SessionThreads {
+    handles: Arc<[tokio::runtime::Handle]>,
+    next: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SessionThreads {
+    fn start(n: usize) -> Result<Self, AppError> {
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(AppError::Runtime)?;
+            handles.push(rt.handle().clone());
+            std::thread::Builder::new()
+                .name(format!("chaperone-session-{i}"))
+                // Runs for the daemon's life: its tasks are spawned from the accept loops.
+                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .map_err(AppError::Runtime)?;
+        }
+        Ok(Self {
+            handles: handles.into(),
+            next: Default::default(),
+        })
+    }
+
+    /// The runtime for the next session: a session thread (round robin), or with none the
+    /// caller's.
+    fn pick(&self) -> tokio::runtime::Handle {
+        if self.handles.is_empty() {
+            return tokio::runtime::Handle::current();
+        }
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.handles[i % self.handles.len()].clone()
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     inputs: Arc<Inputs>,
     stop: CancellationToken,
     tracker: TaskTracker,
+    sessions: SessionThreads,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -331,18 +388,36 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Registered again on the session's own thread (below).
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        error!(%peer, error = %e, "cannot hand the connection to a session thread");
+                        continue;
+                    }
+                };
                 let inputs = inputs.clone();
                 let stop = stop.clone();
-                tracker.spawn(async move {
-                    let drain = async {
-                        stop.cancelled().await;
-                        tokio::time::sleep(DRAIN_TIMEOUT).await;
-                    };
-                    tokio::select! {
-                        _ = handle(&inputs, stream, peer) => {}
-                        _ = drain => {}
-                    }
-                });
+                tracker.spawn_on(
+                    async move {
+                        let stream = match TcpStream::from_std(stream) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                error!(%peer, error = %e, "cannot register the connection");
+                                return;
+                            }
+                        };
+                        let drain = async {
+                            stop.cancelled().await;
+                            tokio::time::sleep(DRAIN_TIMEOUT).await;
+                        };
+                        tokio::select! {
+                            _ = handle(&inputs, stream, peer) => {}
+                            _ = drain => {}
+                        }
+                    },
+                    &sessions.pick(),
+                );
             }
             // Out of fds or memory: back off instead of spinning; the backlog holds the rest.
             Err(e) => {

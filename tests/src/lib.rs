@@ -162,6 +162,8 @@ pub struct DaemonOptions {
     /// Top-level YAML appended to the configuration (grants, secrets_file, …).
     pub extra_yaml: String,
     pub dns_resolvers: Vec<SocketAddr>,
+    /// Environment variables for the daemon process (tuning knobs a benchmark compares).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for DaemonOptions {
@@ -172,6 +174,7 @@ impl Default for DaemonOptions {
             target_yaml: Vec::new(),
             extra_yaml: String::new(),
             dns_resolvers: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -182,6 +185,7 @@ pub struct TestDaemon {
     pub config: PathBuf,
     pub port: u16,
     pub pin_dir: PathBuf,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -222,6 +226,7 @@ impl TestDaemon {
             config,
             port,
             pin_dir,
+            env: opts.env,
             child: None,
         };
         d.spawn();
@@ -255,6 +260,7 @@ impl TestDaemon {
                     .unwrap_or_else(|_| "info,chaperone=debug".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -345,6 +345,12 @@ pub fn pg(chaperone: &Path) -> Result<()> {
     let (bouncer, bouncer_port) = start_pgbouncer(&pg, &dir.join("transaction"), "transaction")?;
     let (session_bouncer, session_port) = start_pgbouncer(&pg, &dir.join("session"), "session")?;
     let daemon = TestDaemon::start(pg.daemon_options_with_functions(&[]));
+    // The same proxy with its sessions on the work-stealing runtime, for comparison.
+    let mut stealing = pg.daemon_options_with_functions(&[]);
+    stealing
+        .env
+        .push(("CHAPERONE_SESSION_THREADS".into(), "0".into()));
+    let stealing = TestDaemon::start(stealing);
     // The same server as a plain `tcp` target: bytes relayed, nothing decoded, the agent logs
     // in itself. No proxy on this hop can cost less.
     let relay = TestDaemon::start(DaemonOptions {
@@ -385,10 +391,13 @@ pub fn pg(chaperone: &Path) -> Result<()> {
         // The agent names no password: the daemon injects the credential.
         let f = pgbench(&mut agent(&daemon, mode, "agent"), Some(daemon.pid()))?;
         rows.push((mode, "Chaperone, PostgreSQL (read-only, masking)", f));
+        let f = pgbench(&mut agent(&stealing, mode, "agent"), Some(stealing.pid()))?;
+        rows.push((mode, "  the same, sessions on a work-stealing pool", f));
     }
     drop(bouncer);
     drop(session_bouncer);
     drop(daemon);
+    drop(stealing);
     drop(relay);
     let _ = std::fs::remove_dir_all(&dir);
 
