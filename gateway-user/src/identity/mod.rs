@@ -530,19 +530,24 @@ fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     read_xattr(path, name).ok().flatten()
 }
 
-/// An extended attribute's value; `Ok(None)` when it is absent, an error for anything else
-/// (a value that grew between the size query and the read is read again).
+/// An extended attribute's value; `Ok(None)` when it is absent, an error for anything else.
 fn read_xattr(path: &Path, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+    // Bindings are well under this: one read, no size query.
+    read_xattr_from(path, name, 4096)
+}
+
+/// [`read_xattr`] with a first buffer of `capacity` bytes. A value larger than the buffer is
+/// read again into one at least as large as the value and four times the last: a value rewritten
+/// while it is read (larger, smaller, larger…) is caught within a few reads, never cut short.
+fn read_xattr_from(
+    path: &Path,
+    name: &str,
+    mut capacity: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
     let (p, n) = (cstr(path)?, CString::new(name).expect("static name"));
     let absent = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENODATA);
-    for _ in 0..4 {
-        // SAFETY: a zero-sized query returns the value's length.
-        let size = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
-        if size < 0 {
-            let e = std::io::Error::last_os_error();
-            return if absent(&e) { Ok(None) } else { Err(e) };
-        }
-        let mut buf = vec![0u8; size as usize];
+    for _ in 0..8 {
+        let mut buf = vec![0u8; capacity];
         // SAFETY: valid NUL-terminated strings and a buffer of the given length.
         let len =
             unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -551,11 +556,19 @@ fn read_xattr(path: &Path, name: &str) -> std::io::Result<Option<Vec<u8>>> {
             return Ok(Some(buf));
         }
         let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ERANGE) => continue,
-            _ if absent(&e) => return Ok(None),
-            _ => return Err(e),
+        if absent(&e) {
+            return Ok(None);
         }
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e);
+        }
+        // SAFETY: a zero-sized query returns the value's length.
+        let size = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+        if size < 0 {
+            let e = std::io::Error::last_os_error();
+            return if absent(&e) { Ok(None) } else { Err(e) };
+        }
+        capacity = (size as usize).max(capacity * 4);
     }
     Err(std::io::Error::from_raw_os_error(libc::ERANGE))
 }
@@ -563,6 +576,47 @@ fn read_xattr(path: &Path, name: &str) -> std::io::Result<Option<Vec<u8>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A binding read while it is rewritten comes back whole, old or new, never cut short or an
+    /// error: a value larger than the buffer is read again into a larger one.
+    #[test]
+    fn xattr_reads_race_writes_and_see_whole_values() {
+        let path = std::env::temp_dir().join(format!("chaperone-xattr-{}", std::process::id()));
+        std::fs::write(&path, b"").unwrap();
+        let name = "user.chaperone.test";
+        let (short, long) = (b"s".to_vec(), vec![b'l'; 3000]);
+        match set_xattr(&path, name, &short) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                eprintln!("skipping: {} has no user xattrs", path.display());
+                return;
+            }
+            r => r.unwrap(),
+        }
+        assert_eq!(read_xattr(&path, "user.chaperone.absent").unwrap(), None);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (path.clone(), stop.clone());
+            let (short, long) = (short.clone(), long.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    set_xattr(&path, name, &long).unwrap();
+                    set_xattr(&path, name, &short).unwrap();
+                }
+            })
+        };
+        // A first buffer far smaller than the long value: most reads while it flips need more
+        // than one try. (A size query, then a read into a buffer of that size, four times over,
+        // as this was before: 1 to 6 reads in 100,000 failed here.)
+        for _ in 0..50_000 {
+            match read_xattr_from(&path, name, 16) {
+                Ok(Some(v)) => assert!(v == short || v == long, "a cut value: {} bytes", v.len()),
+                other => panic!("{other:?}"),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
 
     #[test]
     fn names() {
