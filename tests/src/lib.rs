@@ -1149,12 +1149,23 @@ impl OidcProvider {
 
     /// Rotate the signing key: restart with a new key first, the old one still published.
     pub fn rotate_keys(&mut self) {
+        self.restart_with_new_key(true);
+    }
+
+    /// Withdraw the signing key: restart with a new key only, the old one no longer published.
+    pub fn withdraw_keys(&mut self) {
+        self.restart_with_new_key(false);
+    }
+
+    fn restart_with_new_key(&mut self, keep_old: bool) {
         self.stop();
         let new: Value = serde_json::from_str(&self.node(&["keys", &unique()])).unwrap();
-        let old: Value =
-            serde_json::from_str(&std::fs::read_to_string(self.jwks()).unwrap()).unwrap();
         let mut keys = new["keys"].as_array().unwrap().clone();
-        keys.extend(old["keys"].as_array().unwrap().iter().cloned());
+        if keep_old {
+            let old: Value =
+                serde_json::from_str(&std::fs::read_to_string(self.jwks()).unwrap()).unwrap();
+            keys.extend(old["keys"].as_array().unwrap().iter().cloned());
+        }
         std::fs::write(self.jwks(), serde_json::json!({ "keys": keys }).to_string()).unwrap();
         self.spawn();
     }

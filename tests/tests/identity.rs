@@ -36,10 +36,16 @@ fn env(ttl_secs: u64) -> Env {
 }
 
 fn env_with(grants: &str, ttl_secs: u64) -> Env {
+    env_with_oidc(grants, ttl_secs, "")
+}
+
+/// With more settings in the daemon's `oidc:` section (YAML lines indented by two).
+fn env_with_oidc(grants: &str, ttl_secs: u64, oidc: &str) -> Env {
     let pg = Postgres::start();
     let op = OidcProvider::start(ttl_secs);
     let mut opts = pg.daemon_options_with_grants(grants);
     opts.extra_yaml.push_str(&op.config_yaml());
+    opts.extra_yaml.push_str(oidc);
     let d = TestDaemon::start(opts);
     Env { pg, op, d }
 }
@@ -413,6 +419,33 @@ fn a_rotated_signing_key_is_fetched_when_a_token_needs_it() {
         e.d.log().contains("fetching the issuer's keys again"),
         "{}",
         e.d.log()
+    );
+}
+
+/// A key the issuer withdraws stops verifying once the daemon's keys are older than
+/// `jwks_max_age_secs` (3 s here), though no token named an unknown key to make it look again.
+#[test]
+fn a_withdrawn_signing_key_stops_verifying_once_the_keys_are_old() {
+    if skip_unless_root("a_withdrawn_signing_key_stops_verifying_once_the_keys_are_old") {
+        return;
+    }
+    let mut e = env_with_oidc(GROUP_GRANTS, 600, "  jwks_max_age_secs: 3\n");
+    let old = e.op.token("alice", "chaperone");
+    assert_ok(
+        &e.run_with_token(&old, &[], &["true"]),
+        "a token signed with the first key",
+    );
+    e.op.withdraw_keys();
+    std::thread::sleep(std::time::Duration::from_millis(4100));
+    let refused = e.run_with_token(&old, &[], &["true"]);
+    assert!(
+        !refused.status.success() && stderr(&refused).contains("the daemon refused the agent"),
+        "a token signed with a withdrawn key was accepted: {refused:?}"
+    );
+    let new = e.op.token("alice", "chaperone");
+    assert_ok(
+        &e.run_with_token(&new, &[], &["true"]),
+        "a token signed with the key now published",
     );
 }
 

@@ -17,6 +17,8 @@
 //!   groups_claim: groups
 //!   ca_file: /etc/chaperone/issuer-ca.pem   # optional, for a private CA
 //!   login_client_id: chaperone     # optional: the client `chaperone run --login` uses
+//!   jwks_refetch_secs: 10          # at most one unknown-key refetch per this
+//!   jwks_max_age_secs: 3600        # keys are fetched again after this (withdrawn keys stop)
 //! ```
 
 use super::Vouched;
@@ -68,10 +70,18 @@ pub struct OidcConfig {
     /// Minimum seconds between two key-set fetches triggered by tokens with unknown keys.
     #[serde(default = "default_jwks_refetch_secs")]
     pub jwks_refetch_secs: u64,
+    /// Seconds fetched keys are trusted before the set is fetched again (default 3600): a key
+    /// the issuer withdrew stops verifying tokens within this.
+    #[serde(default = "default_jwks_max_age_secs")]
+    pub jwks_max_age_secs: u64,
 }
 
 fn default_jwks_refetch_secs() -> u64 {
     10
+}
+
+fn default_jwks_max_age_secs() -> u64 {
+    3600
 }
 
 fn default_algorithms() -> Vec<CoreJwsSigningAlgorithm> {
@@ -153,9 +163,6 @@ enum TokenKind {
     /// An OAuth 2.0 JWT access token (RFC 9068, `typ` at+jwt).
     Access,
 }
-
-/// How long fetched keys are trusted before they are fetched again.
-const KEYS_MAX_AGE: Duration = Duration::from_secs(3600);
 
 /// The keys in use and the last failure to fetch them.
 #[derive(Default)]
@@ -362,14 +369,14 @@ impl Verifier {
     }
 
     /// The keys to check with: fetched when there are none yet or they are older than
-    /// [`KEYS_MAX_AGE`] (a key the issuer withdrew must stop being trusted), but never more
+    /// `jwks_max_age_secs` (a key the issuer withdrew must stop being trusted), but never more
     /// often than `jwks_refetch_secs` after a failure, so an unreachable issuer does not make
     /// every request wait on it. Old keys are kept when a refresh fails.
     async fn current_keys<'s>(&self, state: &'s mut KeyState) -> Result<&'s Keys, OidcError> {
         let stale = state
             .keys
             .as_ref()
-            .is_none_or(|k| k.fetched.elapsed() >= KEYS_MAX_AGE);
+            .is_none_or(|k| k.fetched.elapsed().as_secs() >= self.config.jwks_max_age_secs);
         if stale && state.may_fetch(self.refetch()) {
             self.fetch_into(state).await;
         }
