@@ -603,26 +603,15 @@ async fn watch_config(inputs: Arc<Inputs>) {
         return;
     };
     let path = inputs.config.path.clone();
-    let mut seen = path.as_deref().map(files_state);
-    // A change is acted on once the files have stayed the same for a whole poll: a file being
-    // written is never read half-way (a cut file can be a valid, wider policy).
-    let mut pending = None;
+    let mut files = Settle::new(path.as_deref().map(files_state));
     let mut tick = tokio::time::interval(CONFIG_POLL);
     loop {
         let trigger = tokio::select! {
             _ = hup.recv() => "SIGHUP",
             _ = tick.tick() => {
-                let now = path.as_deref().map(files_state);
-                if now == seen {
-                    pending = None;
+                if !files.poll(path.as_deref().map(files_state)) {
                     continue;
                 }
-                if pending.as_ref() != Some(&now) {
-                    pending = Some(now);
-                    continue;
-                }
-                seen = now;
-                pending = None;
                 "file change"
             }
         };
@@ -637,7 +626,7 @@ async fn watch_config(inputs: Arc<Inputs>) {
         };
         if files_state(&path) != before {
             // Changed while being read: the next polls will pick up the settled version.
-            seen = Some(before);
+            files.assume_seen(Some(before));
             continue;
         }
         let audit = match loaded {
@@ -688,6 +677,43 @@ fn targets_of(c: &Config) -> serde_json::Value {
 
 /// Name, length and modification time of the configuration's files: what changing one changes.
 type FileState = (PathBuf, u64, u64, Option<std::time::SystemTime>);
+
+/// Polled state that is acted on only once a change has held still for a whole poll: a file
+/// being written is never read half-way (a cut file can be a valid, wider policy).
+struct Settle<S> {
+    seen: S,
+    pending: Option<S>,
+}
+
+impl<S: PartialEq> Settle<S> {
+    fn new(seen: S) -> Self {
+        Self {
+            seen,
+            pending: None,
+        }
+    }
+
+    /// One poll's observation; true when a change has settled (it is then the state seen).
+    fn poll(&mut self, now: S) -> bool {
+        if now == self.seen {
+            self.pending = None;
+            return false;
+        }
+        if self.pending.as_ref() != Some(&now) {
+            self.pending = Some(now);
+            return false;
+        }
+        self.seen = now;
+        self.pending = None;
+        true
+    }
+
+    /// Take `state` as seen without acting on it (what was read turned out to be moving).
+    fn assume_seen(&mut self, state: S) {
+        self.seen = state;
+        self.pending = None;
+    }
+}
 
 fn files_state(path: &std::path::Path) -> Vec<FileState> {
     let entries: Vec<PathBuf> = if path.is_dir() {
@@ -762,5 +788,47 @@ async fn wait_for_shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settle;
+
+    #[test]
+    fn a_change_is_acted_on_once_it_holds_still_for_a_poll() {
+        let mut s = Settle::new("old");
+        assert!(!s.poll("old"), "nothing changed");
+        assert!(!s.poll("new"), "a change seen once may still be moving");
+        assert!(s.poll("new"), "the same change a poll later has settled");
+        assert!(!s.poll("new"), "and is acted on once");
+    }
+
+    #[test]
+    fn a_file_caught_half_written_is_never_acted_on() {
+        let mut s = Settle::new("old");
+        // The writer is half-way at one poll and done by the next: the half is never taken.
+        assert!(!s.poll("half"));
+        assert!(!s.poll("whole"));
+        assert!(s.poll("whole"));
+        // A writer slower than a poll: every state differs from the last, so none settles.
+        let mut s = Settle::new("old");
+        for state in ["a", "ab", "abc", "abcd"] {
+            assert!(!s.poll(state), "{state}");
+        }
+        // Put back as it was before it settled: nothing to do.
+        let mut s = Settle::new("old");
+        assert!(!s.poll("tmp"));
+        assert!(!s.poll("old"));
+        assert!(!s.poll("old"));
+    }
+
+    #[test]
+    fn a_state_that_moved_while_read_is_read_again_once_it_settles() {
+        let mut s = Settle::new("old");
+        s.assume_seen("read");
+        assert!(!s.poll("read"));
+        assert!(!s.poll("later"));
+        assert!(s.poll("later"));
     }
 }
