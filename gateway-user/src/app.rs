@@ -167,6 +167,8 @@ pub async fn run(config: Config) -> Result<(), AppError> {
         control_socket: crate::control::socket_path(&config.pin_dir),
         started_at_ms: now_ms(),
     };
+    // Before the status file says ready: a daemon that cannot run sessions is not.
+    let sessions = SessionThreads::start(session_threads())?;
     write_status(&config, &status)?;
     info!(
         listen = ?status.listen,
@@ -190,7 +192,6 @@ pub async fn run(config: Config) -> Result<(), AppError> {
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let sessions = SessionThreads::start(session_threads())?;
     for listener in [Some(v4), v6].into_iter().flatten() {
         tracker.spawn(accept_loop(
             listener,
