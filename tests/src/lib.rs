@@ -57,69 +57,73 @@ pub trait OutputBounded {
 
 impl OutputBounded for Command {
     fn output_bounded(&mut self) -> std::io::Result<Output> {
-        output_within(self, PROGRAM_LIMIT)
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        // Readers keep what they have read where the waiter can still see it if a grandchild holds
+        // a pipe open past the program's own end (a daemonized child, an orphaned agent).
+        let collect = |mut pipe: Box<dyn Read + Send>| {
+            let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let b = buf.clone();
+            let done = thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    b.lock().unwrap().extend_from_slice(&chunk[..n]);
+                }
+            });
+            (buf, done)
+        };
+        let (out, out_done) = collect(Box::new(child.stdout.take().expect("piped")));
+        let (err, err_done) = collect(Box::new(child.stderr.take().expect("piped")));
+        let deadline = Instant::now() + PROGRAM_LIMIT;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        // The pipes close when the last holder exits; allow a grandchild a moment, no more.
+        let grace = Instant::now() + Duration::from_secs(5);
+        while !(out_done.is_finished() && err_done.is_finished()) && Instant::now() < grace {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let take = |b: &Arc<std::sync::Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().unwrap());
+        let (stdout, stderr) = (take(&out), take(&err));
+        match status {
+            Some(status) => Ok(Output {
+                status,
+                stdout,
+                stderr,
+            }),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "{self:?} still running after {} s, killed\nstdout:\n{}\nstderr:\n{}",
+                    PROGRAM_LIMIT.as_secs(),
+                    String::from_utf8_lossy(&stdout),
+                    String::from_utf8_lossy(&stderr)
+                ),
+            )),
+        }
     }
 }
 
-fn output_within(cmd: &mut Command, limit: Duration) -> std::io::Result<Output> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    // Readers keep what they have read where the waiter can still see it if a grandchild holds
-    // a pipe open past the program's own end (a daemonized child, an orphaned agent).
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let b = buf.clone();
-        let done = thread::spawn(move || {
-            let mut chunk = [0u8; 8192];
-            while let Ok(n) = pipe.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                b.lock().unwrap().extend_from_slice(&chunk[..n]);
-            }
-        });
-        (buf, done)
-    };
-    let (out, out_done) = collect(Box::new(child.stdout.take().expect("piped")));
-    let (err, err_done) = collect(Box::new(child.stderr.take().expect("piped")));
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    };
-    // The pipes close when the last holder exits; allow a grandchild a moment, no more.
-    let grace = Instant::now() + Duration::from_secs(5);
-    while !(out_done.is_finished() && err_done.is_finished()) && Instant::now() < grace {
-        thread::sleep(Duration::from_millis(20));
-    }
-    let take = |b: &Arc<std::sync::Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().unwrap());
-    let (stdout, stderr) = (take(&out), take(&err));
-    match status {
-        Some(status) => Ok(Output {
-            status,
-            stdout,
-            stderr,
-        }),
-        None => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "{cmd:?} still running after {} s, killed\nstdout:\n{}\nstderr:\n{}",
-                limit.as_secs(),
-                String::from_utf8_lossy(&stdout),
-                String::from_utf8_lossy(&stderr)
-            ),
-        )),
-    }
+/// `args` under coreutils `timeout` (60 s, then SIGKILL 5 s later). An agent has a session of
+/// its own, so a bound on `chaperone run` (see [`OutputBounded`]) does not reach it; this does.
+pub fn timed<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut full = vec!["timeout", "-k", "5", "60"];
+    full.extend_from_slice(args);
+    full
 }
 
 /// True (and a `skipping:` line printed) when the test cannot run here.
@@ -360,9 +364,7 @@ impl TestDaemon {
 
     /// [`TestDaemon::run_agent`] under a time limit of 60 s: a hang fails the test, not the run.
     pub fn run_agent_timed(&self, name: &str, args: &[&str]) -> Output {
-        let mut full = vec!["timeout", "-k", "5", "60"];
-        full.extend_from_slice(args);
-        self.run_agent(name, &full)
+        self.run_agent(name, &timed(args))
     }
 
     /// `chaperone run --as NAME --user nobody -- ARGS…`, capturing output: agents run

@@ -4,7 +4,7 @@
 
 use chaperone_tests::{
     DaemonOptions, OidcProvider, OutputBounded, Postgres, TestDaemon, assert_ok, chaperone_bin,
-    skip_unless_root,
+    skip_unless_root, timed,
 };
 use serde_json::Value;
 use std::{path::Path, process::Output};
@@ -104,8 +104,8 @@ impl Env {
             .arg("--token-file")
             .arg(&file)
             .args(extra)
-            .args(["--user", "nobody", "--", "timeout", "-k", "5", "60"])
-            .args(args)
+            .args(["--user", "nobody", "--"])
+            .args(timed(args))
             .output_bounded()
             .unwrap()
     }
@@ -174,9 +174,7 @@ fn agents_in_different_groups_get_different_verdicts_on_the_same_statement() {
 
     // Bob's `chaperone run` itself runs unprivileged: the token, not root, vouches for him.
     let bob_token = e.op.token_file("bob", &e.op.token("bob", "chaperone"));
-    let mut psql = vec!["timeout", "-k", "5", "60"];
-    psql.extend(e.psql_args(&conn, sql));
-    let bob = e.run_unprivileged(&bob_token, &psql);
+    let bob = e.run_unprivileged(&bob_token, &timed(&e.psql_args(&conn, sql)));
     assert_eq!(
         bob.status.code(),
         Some(1),
