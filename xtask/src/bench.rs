@@ -7,10 +7,11 @@
 //! - bulk: one connection streams 2 GiB to a sink; GB/s
 //!
 //! `pg`: `pgbench -S` (10 clients, simple and prepared) against one PostgreSQL 15, directly,
-//! through PgBouncer (transaction mode; session mode for prepared statements), through Chaperone as a plain TCP relay (no decoding:
-//! the floor for any proxy on this hop) and through Chaperone's PostgreSQL proxy (read-only
-//! policy, every landed feature on: classification, policy, masking, session records); TPS,
-//! mean latency, ratios, and the proxy's own CPU time per transaction.
+//! through PgBouncer (transaction mode; session mode for prepared statements), through
+//! Chaperone as a plain TCP relay (no decoding: the floor for any proxy on this hop) and through
+//! Chaperone's PostgreSQL proxy (read-only policy, every landed feature on: classification,
+//! policy, masking, session records), once on session threads and once on the work-stealing
+//! runtime; TPS, mean latency, ratios, and the proxy's own CPU time per transaction.
 
 use anyhow::{Context as _, Result, bail};
 use chaperone_tests::{DaemonOptions, Postgres, TestDaemon};
